@@ -1,0 +1,1 @@
+"""Subcommands of the ``snodevit`` CLI, one module each (see ``snodevit.cli``)."""

@@ -1,0 +1,48 @@
+"""Helpers shared by the subcommands: JSON output, device choice, model loading."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import torch
+
+
+def add_json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object of the figures on stdout")
+
+
+def add_device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from ..cli import CLIError
+
+        raise CLIError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def emit(args: argparse.Namespace, figures: dict[str, Any], human: str) -> None:
+    """Print JSON (with --json) or the human-readable text."""
+    if getattr(args, "json", False):
+        json.dump(figures, sys.stdout, sort_keys=True, default=float)
+        sys.stdout.write("\n")
+    else:
+        print(human)
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v

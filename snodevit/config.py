@@ -1,0 +1,180 @@
+"""Model configuration and the registry of named variants.
+
+The configuration is a frozen dataclass (nanoGPT's ``GPTConfig``): every field has a one-line comment, it is
+stored inside every checkpoint and every exported ONNX graph, so a model can always be rebuilt from its files.
+Named variants are small factory functions that merge their defaults with the caller's overrides
+(timm's ``@register_model``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, get_args
+
+AttentionType = Literal["ksvd", "softmax"]
+SolverType = Literal["euler", "heun"]
+StemType = Literal["patch", "conv"]
+PoolType = Literal["cls", "mean"]
+
+ATTENTION_TYPES: tuple[str, ...] = get_args(AttentionType)
+SOLVER_TYPES: tuple[str, ...] = get_args(SolverType)
+STEM_TYPES: tuple[str, ...] = get_args(StemType)
+POOL_TYPES: tuple[str, ...] = get_args(PoolType)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else ">= 1"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SNodeViTConfig:
+    """Everything needed to rebuild a SNodeViT. Saved in checkpoints and ONNX metadata."""
+
+    image_size: int = 224  # input height and width in pixels (square images)
+    in_channels: int = 3  # 1 for grayscale (MNIST), 3 for RGB
+    patch_size: int = 16  # side of one patch: the token grid is (image_size // patch_size) ** 2
+    num_classes: int = 10  # size of the classification head
+    dim: int = 96  # token width D
+    depth: int = 6  # number of continuous (SDE) blocks
+    num_heads: int = 3  # attention heads; dim must be divisible by it
+    rank: int = 8  # KSVD rank r: number of e/r score directions per head
+    mlp_ratio: float = 4.0  # hidden width of the drift MLP is mlp_ratio * dim
+    attention: AttentionType = "ksvd"  # "ksvd" (Primal-Attention, fixed rank) or "softmax" (plain ViT attention)
+    fused_attn: bool = True  # softmax only: use scaled_dot_product_attention; the explicit path is used for export/maps
+    stem: StemType = "patch"  # "patch" (one strided conv) or "conv" (3x3 conv stack, Xiao et al. 2021)
+    pool: PoolType = "cls"  # read the class token ("cls") or average the patch tokens ("mean")
+    solver: SolverType = "euler"  # "euler" (Euler-Maruyama, Ito) or "heun" (Stratonovich Heun)
+    num_steps: int = 2  # solver steps K per block over t in [0, 1]
+    noise_dim: int = 8  # m: width of the low-rank diffusion subspace; 0 turns the model into a deterministic ODE ViT
+    diffusion_scale: float = 0.1  # upper bound of the diffusion gate sigma(t) at initialisation scale
+    time_embed_dim: int = 32  # sinusoidal embedding width of t fed to the TimeNet
+    time_hidden_dim: int = 64  # hidden width of each block's TimeNet
+    dropout: float = 0.0  # dropout on attention output and MLP (0 for the SDE model; used by the MC-dropout baseline)
+    ksvd_loss_weight: float = 0.01  # eta: weight of the KSVD regularisation J^2 added to the training loss
+
+    def __post_init__(self) -> None:
+        _check_choice("attention", self.attention, ATTENTION_TYPES)
+        _check_choice("solver", self.solver, SOLVER_TYPES)
+        _check_choice("stem", self.stem, STEM_TYPES)
+        _check_choice("pool", self.pool, POOL_TYPES)
+        for name in ("image_size", "in_channels", "patch_size", "num_classes", "dim", "depth", "num_heads", "rank",
+                     "num_steps", "time_embed_dim", "time_hidden_dim"):
+            _check_positive(name, getattr(self, name))
+        _check_positive("noise_dim", self.noise_dim, allow_zero=True)
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
+        if self.stem == "conv" and (self.patch_size & (self.patch_size - 1) or self.patch_size < 2):
+            raise ValueError(f"stem='conv' needs a power-of-two patch_size >= 2, got {self.patch_size}")
+        if self.time_embed_dim % 2:
+            raise ValueError(f"time_embed_dim must be even, got {self.time_embed_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.mlp_ratio <= 0 or self.diffusion_scale < 0 or self.ksvd_loss_weight < 0:
+            raise ValueError("mlp_ratio must be > 0, diffusion_scale and ksvd_loss_weight >= 0")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens seen by the blocks: patches plus the class token."""
+        return self.num_patches + 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def stochastic(self) -> bool:
+        """True when the blocks carry a diffusion term."""
+        return self.noise_dim > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SNodeViTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **overrides: Any) -> "SNodeViTConfig":
+        return dataclasses.replace(self, **overrides)
+
+
+_VARIANTS: dict[str, Callable[..., SNodeViTConfig]] = {}
+
+
+def register_variant(fn: Callable[..., SNodeViTConfig]) -> Callable[..., SNodeViTConfig]:
+    """Register a named variant factory under its function name."""
+    _VARIANTS[fn.__name__] = fn
+    return fn
+
+
+def _merge(defaults: dict[str, Any], overrides: dict[str, Any]) -> SNodeViTConfig:
+    known = {f.name for f in dataclasses.fields(SNodeViTConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown override(s) {unknown}; known fields: {sorted(known)}")
+    return SNodeViTConfig(**{**defaults, **overrides})
+
+
+@register_variant
+def tiny(**overrides: Any) -> SNodeViTConfig:
+    return _merge(dict(dim=96, depth=6, num_heads=3, rank=8), overrides)
+
+
+@register_variant
+def small(**overrides: Any) -> SNodeViTConfig:
+    return _merge(dict(dim=192, depth=8, num_heads=4, rank=16), overrides)
+
+
+@register_variant
+def base(**overrides: Any) -> SNodeViTConfig:
+    return _merge(dict(dim=384, depth=12, num_heads=6, rank=24, mlp_ratio=3.0), overrides)
+
+
+@register_variant
+def large(**overrides: Any) -> SNodeViTConfig:
+    return _merge(dict(dim=768, depth=16, num_heads=12, rank=32, mlp_ratio=2.0), overrides)
+
+
+def list_variants() -> list[str]:
+    return sorted(_VARIANTS)
+
+
+def get_config(name: str, **overrides: Any) -> SNodeViTConfig:
+    """Build the config of a named variant with overrides applied.
+
+    Raises:
+        ValueError: unknown variant name or unknown/invalid override.
+    """
+    if name not in _VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; available: {list_variants()}")
+    return _VARIANTS[name](**overrides)
+
+
+# Preset used for 28x28 grayscale digits (MNIST, scikit-learn digits): a convolutional stem reaching 4x4 patches.
+MNIST_OVERRIDES: dict[str, Any] = dict(image_size=28, in_channels=1, patch_size=4, num_classes=10, stem="conv")

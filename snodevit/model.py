@@ -1,0 +1,214 @@
+"""SNodeViT: a Vision Transformer whose blocks are stochastic differential equations.
+
+The forward contract follows timm's VisionTransformer (``forward_features`` / ``forward_head`` / ``forward``);
+the SDE integration lives in ``forward_features``. Randomness is an input: every forward takes the noise tensor
+(standard normals of shape ``noise_shape``) explicitly, ``None`` means "draw it here" (seedable with a
+``torch.Generator``). Monte Carlo samples are folded into the batch of one forward pass, with the deterministic
+prefix (stem, class token, position embedding) computed once per image.
+
+References:
+    Xiao et al. "Early Convolutions Help Transformers See Better." NeurIPS 2021 (the convolutional stem).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .config import SNodeViTConfig, get_config
+from .sde import SDEBlock
+
+
+class ForwardAux(NamedTuple):
+    attention: Tensor | None  # (B, depth, N, N) applied attention per block, mean over heads and steps
+    reg: Tensor  # scalar: sum of the attention regularisers (KSVD J^2) over blocks, 0 when none
+
+
+def _conv_stem(cfg: SNodeViTConfig) -> nn.Sequential:
+    """3x3 stride-2 convolutions down to the patch grid, then a 1x1 projection (Xiao et al. 2021)."""
+    n = cfg.patch_size.bit_length() - 1  # number of stride-2 convs
+    widths = [max(16, cfg.dim // 2 ** (n - i)) for i in range(n)]
+    layers: list[nn.Module] = []
+    c = cfg.in_channels
+    for w in widths:
+        layers += [nn.Conv2d(c, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+        c = w
+    layers.append(nn.Conv2d(c, cfg.dim, 1))
+    return nn.Sequential(*layers)
+
+
+class SNodeViT(nn.Module):
+    """Stochastic neural-ODE Vision Transformer."""
+
+    def __init__(self, cfg: SNodeViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if cfg.stem == "conv":
+            self.stem = _conv_stem(cfg)
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(cfg.in_channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.dim))
+        self.blocks = nn.ModuleList(SDEBlock(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) and "timenet" not in name and "diff_out" not in name:
+                nn.init.xavier_uniform_(m.weight)  # std 0.02 starves narrow (D=96) models of signal
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    # ----------------------------------------------------------------------------------------------- noise
+    def noise_shape(self, batch_size: int, num_samples: int = 1) -> tuple[int, ...]:
+        """Shape of the noise for ``num_samples`` samples of ``batch_size`` images: (S, B, depth, K, N, m)."""
+        c = self.cfg
+        return (num_samples, batch_size, c.depth, c.num_steps, c.num_tokens, c.noise_dim)
+
+    def draw_noise(self, batch_size: int, num_samples: int = 1, generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """Standard normal noise of ``noise_shape``; drawn on the generator's device when one is given."""
+        p = next(self.parameters())
+        gen_device = generator.device if generator is not None else (device or p.device)
+        noise = torch.randn(self.noise_shape(batch_size, num_samples), generator=generator, device=gen_device,
+                            dtype=dtype or p.dtype)
+        return noise.to(device or p.device)
+
+    def _check_input(self, images: Tensor) -> None:
+        c = self.cfg
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images must be a (B, C, H, W) tensor, got {got}")
+        if tuple(images.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
+            raise ValueError(f"images must have shape (B, {c.in_channels}, {c.image_size}, {c.image_size}) for this "
+                             f"model, got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be a floating point tensor (normalised pixels), got {images.dtype}")
+
+    def _check_noise(self, noise: Tensor, batch_size: int, num_samples: int | None) -> None:
+        c = self.cfg
+        tail = (c.depth, c.num_steps, c.num_tokens, c.noise_dim)
+        ok = noise.dim() == 6 and tuple(noise.shape[2:]) == tail and noise.shape[1] == batch_size
+        if ok and num_samples is not None:
+            ok = noise.shape[0] == num_samples
+        if not ok:
+            want = self.noise_shape(batch_size, num_samples or 1)
+            raise ValueError(f"noise must have shape (S, B, depth, K, N, m) = {want} for this input, "
+                             f"got {tuple(noise.shape)}")
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def embed(self, images: Tensor) -> Tensor:
+        """Deterministic prefix: stem, class token, position embedding. (B, C, H, W) -> (B, N, D)."""
+        x = self.stem(images).flatten(2).transpose(1, 2)  # (B, P, D)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        return torch.cat((cls, x), dim=1) + self.pos_embed
+
+    def integrate(self, tokens: Tensor, noise: Tensor | None, need_weights: bool = False) -> tuple[Tensor, ForwardAux]:
+        """Run the SDE blocks. tokens (B', N, D); noise (B', depth, K, N, m) or None (ODE path)."""
+        weights = []
+        reg = tokens.new_zeros(())
+        for i, blk in enumerate(self.blocks):
+            tokens, aux = blk(tokens, None if noise is None else noise[:, i], need_weights)
+            if aux.weights is not None:
+                weights.append(aux.weights)
+            if aux.reg is not None:
+                reg = reg + aux.reg
+        attn = torch.stack(weights, dim=1) if weights else None  # (B', depth, N, N)
+        return self.norm(tokens), ForwardAux(attn, reg)
+
+    def forward_features(self, images: Tensor, noise: Tensor | None = None, *,
+                         generator: torch.Generator | None = None, need_weights: bool = False,
+                         return_aux: bool = False) -> Tensor | tuple[Tensor, ForwardAux]:
+        """Tokens after the last block for one sample per image.
+
+        Args:
+            images: (B, C, H, W) normalised images.
+            noise: (B, depth, K, N, m) standard normals; None draws it (from ``generator`` if given) when the
+                model is stochastic.
+        """
+        self._check_input(images)
+        b = images.shape[0]
+        if noise is None and self.cfg.stochastic:
+            noise = self.draw_noise(b, 1, generator)[0]
+        elif noise is not None:
+            self._check_noise(noise.unsqueeze(0), b, 1)
+        tokens, aux = self.integrate(self.embed(images), noise if self.cfg.stochastic else None, need_weights)
+        return (tokens, aux) if return_aux else tokens
+
+    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
+        """(B, N, D) -> (B, classes), or the pooled (B, D) features with ``pre_logits``."""
+        x = tokens[:, 0] if self.cfg.pool == "cls" else tokens[:, 1:].mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, images: Tensor, noise: Tensor | None = None, *,
+                generator: torch.Generator | None = None) -> Tensor:
+        """One stochastic sample of logits per image, (B, classes)."""
+        return self.forward_head(self.forward_features(images, noise, generator=generator))
+
+    def forward_train(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Logits of one sample per image and the attention regulariser (already weighted) for the loss."""
+        tokens, aux = self.forward_features(images, generator=generator, return_aux=True)
+        return self.forward_head(tokens), self.cfg.ksvd_loss_weight * aux.reg
+
+    def sample_logits(self, images: Tensor, num_samples: int | None = None, noise: Tensor | None = None, *,
+                      generator: torch.Generator | None = None,
+                      return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Monte Carlo logits with the samples folded into one batch.
+
+        Args:
+            images: (B, C, H, W) normalised images.
+            num_samples: S; taken from ``noise`` when it is given.
+            noise: (S, B, depth, K, N, m) standard normals or None to draw them.
+            generator: seeds the noise drawn when ``noise`` is None.
+            return_attention: also return the applied attention (S, B, depth, N, N).
+
+        Returns:
+            Logits (S, B, classes) [, attention].
+
+        Raises:
+            ValueError: images or noise of the wrong shape, or neither num_samples nor noise given.
+        """
+        self._check_input(images)
+        b = images.shape[0]
+        if noise is None:
+            if num_samples is None or num_samples < 1:
+                raise ValueError(f"num_samples must be >= 1 when no noise is given, got {num_samples!r}")
+            s = num_samples
+            if self.cfg.stochastic:
+                noise = self.draw_noise(b, s, generator, device=images.device, dtype=images.dtype)
+        else:
+            self._check_noise(noise, b, num_samples)
+            s = noise.shape[0]
+        tokens = self.embed(images)  # (B, N, D), computed once for all samples
+        n, d = tokens.shape[1:]
+        tokens = tokens.unsqueeze(0).expand(s, b, n, d).reshape(s * b, n, d)  # (S*B, N, D)
+        folded = noise.reshape(s * b, *noise.shape[2:]) if (noise is not None and self.cfg.stochastic) else None
+        tokens, aux = self.integrate(tokens, folded, return_attention)
+        logits = self.forward_head(tokens).reshape(s, b, -1)  # (S, B, classes)
+        if return_attention:
+            assert aux.attention is not None
+            return logits, aux.attention.reshape(s, b, *aux.attention.shape[1:])
+        return logits
+
+
+def create_model(name: str = "tiny", **overrides: Any) -> SNodeViT:
+    """Build a named variant (tiny, small, base, large) with config overrides.
+
+    Example:
+        >>> m = create_model("tiny", image_size=28, in_channels=1, patch_size=4)
+        >>> m.sample_logits(torch.zeros(2, 1, 28, 28), 3).shape
+        torch.Size([3, 2, 10])
+    """
+    return SNodeViT(get_config(name, **overrides))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

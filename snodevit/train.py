@@ -1,0 +1,169 @@
+"""Training loop: AdamW, linear warmup + cosine decay, gradient clipping, the KSVD regulariser.
+
+Mixed precision (bf16 autocast) and pinned memory are used only when CUDA is present. The best checkpoint
+(by validation accuracy) is written atomically as safetensors + JSON after every improvement, so a killed
+run leaves the last good model behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .checkpoint import save_model
+from .model import SNodeViT
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of one training run."""
+
+    epochs: int = 30  # passes over the training split
+    batch_size: int = 128  # images per optimiser step
+    lr: float = 2e-3  # peak learning rate of AdamW
+    weight_decay: float = 0.05  # decoupled weight decay (not applied to norms, biases, embeddings)
+    warmup_epochs: float = 2.0  # linear warmup length, then cosine decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.01  # final learning rate as a fraction of lr
+    grad_clip: float = 1.0  # max global gradient norm
+    label_smoothing: float = 0.0  # cross-entropy label smoothing (0 keeps probabilities honest before scaling)
+    seed: int = 0  # seeds weights init order, shuffling, augmentation and the training noise
+    num_workers: int = 0  # DataLoader workers (0 = main process; the data sets here are small)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class TrainResult:
+    best_val_accuracy: float
+    best_epoch: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.endswith(("pos_embed", "cls_token")) or "norm" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at ``step``: linear warmup, then cosine to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: SNodeViT, loader: DataLoader, device: torch.device, seed: int = 0) -> tuple[float, float]:
+    """Accuracy and NLL of one seeded stochastic sample per image (cheap validation)."""
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    correct, nll, n = 0, 0.0, 0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        logits = model.sample_logits(images, 1, generator=gen)[0]
+        correct += (logits.argmax(-1) == labels).sum().item()
+        nll += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        n += labels.numel()
+    return correct / max(n, 1), nll / max(n, 1)
+
+
+def train_model(model: SNodeViT, train_set: Dataset, val_set: Dataset, tc: TrainConfig, *,
+                out_dir: str | Path | None = None, meta: dict[str, Any] | None = None,
+                device: str | torch.device = "cpu", progress: bool = True,
+                on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
+    """Train ``model`` in place; keep the best weights (by validation accuracy) in ``out_dir``.
+
+    Args:
+        train_set / val_set: datasets of ((C, H, W) float tensor, int label); augmentation belongs to train_set.
+        tc: optimisation settings.
+        out_dir: where the best checkpoint is written (safetensors + JSON); nothing is written when None.
+        meta: metadata stored with the checkpoint (class names, preprocessing, data spec ...).
+
+    Returns:
+        The best validation accuracy, its epoch, the wall time and per-epoch history.
+    """
+    device = torch.device(device)
+    torch.manual_seed(tc.seed)
+    cuda = device.type == "cuda"
+    model.to(device)
+    gen = torch.Generator().manual_seed(tc.seed)
+    train_loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, generator=gen, drop_last=True,
+                              num_workers=tc.num_workers, pin_memory=cuda, persistent_workers=tc.num_workers > 0)
+    val_loader = DataLoader(val_set, batch_size=256, shuffle=False, num_workers=0, pin_memory=cuda)
+    opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.999))
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training split has {len(train_set)} images, fewer than one batch of {tc.batch_size}")
+    total = steps_per_epoch * tc.epochs
+    warmup = int(tc.warmup_epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup, tc.min_lr_ratio))
+    noise_gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
+    result = TrainResult(best_val_accuracy=-1.0, best_epoch=-1, seconds=0.0)
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    for epoch in range(1, tc.epochs + 1):
+        model.train()
+        loss_sum, reg_sum, correct, seen = 0.0, 0.0, 0, 0
+        for images, labels in train_loader:
+            images = images.to(device, non_blocking=cuda)
+            labels = labels.to(device, non_blocking=cuda)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
+                logits, reg = model.forward_train(images, generator=noise_gen)
+                ce = F.cross_entropy(logits.float(), labels, label_smoothing=tc.label_smoothing)
+                loss = ce + reg
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training diverged at epoch {epoch} (loss={loss.item()}); lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            sched.step()
+            loss_sum += ce.item() * labels.numel()
+            reg_sum += float(reg.detach()) * labels.numel()
+            correct += (logits.argmax(-1) == labels).sum().item()
+            seen += labels.numel()
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        val_acc, val_nll = evaluate_accuracy(model, val_loader, device, seed=tc.seed)
+        row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_reg": reg_sum / seen,
+               "train_accuracy": correct / seen, "val_accuracy": val_acc, "val_nll": val_nll,
+               "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+        result.history.append(row)
+        log.info("epoch %d: %s", epoch, row)
+        bar.write(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}  "
+                  f"val acc {val_acc:.4f}  val nll {val_nll:.4f}  ({row['seconds']:.0f}s)")
+        if on_epoch is not None:
+            on_epoch(row)
+        if val_acc > result.best_val_accuracy:
+            result.best_val_accuracy, result.best_epoch = val_acc, epoch
+            if out_dir is not None:
+                save_model(model, out_dir, {**(meta or {}), "training": {"config": asdict(tc), "best_epoch": epoch,
+                                                                        "val_accuracy": val_acc, "val_nll": val_nll,
+                                                                        "history": result.history}})
+    bar.close()
+    result.seconds = time.perf_counter() - start
+    return result
