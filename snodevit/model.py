@@ -27,11 +27,12 @@ class ForwardAux(NamedTuple):
 
 
 def _conv_stem(cfg: SNodeViTConfig) -> nn.Sequential:
-    """3x3 stride-2 convolutions down to the patch grid, then a 1x1 projection (Xiao et al. 2021)."""
+    """A stride-1 3x3 conv, 3x3 stride-2 convs down to the patch grid, then a 1x1 projection (Xiao et al. 2021)."""
     n = cfg.patch_size.bit_length() - 1  # number of stride-2 convs
     widths = [max(16, cfg.dim // 2 ** (n - i)) for i in range(n)]
-    layers: list[nn.Module] = []
-    c = cfg.in_channels
+    layers: list[nn.Module] = [nn.Conv2d(cfg.in_channels, widths[0] // 2, 3, padding=1, bias=False),
+                               nn.BatchNorm2d(widths[0] // 2), nn.ReLU(inplace=True)]
+    c = widths[0] // 2
     for w in widths:
         layers += [nn.Conv2d(c, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
         c = w

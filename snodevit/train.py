@@ -8,6 +8,7 @@ run leaves the last good model behind.
 from __future__ import annotations
 
 import logging
+import sys
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,7 @@ class TrainConfig:
     """Optimisation settings of one training run."""
 
     epochs: int = 30  # passes over the training split
-    batch_size: int = 128  # images per optimiser step
+    batch_size: int = 64  # images per optimiser step (small: ViTs need many steps on 4000 images)
     lr: float = 2e-3  # peak learning rate of AdamW
     weight_decay: float = 0.05  # decoupled weight decay (not applied to norms, biases, embeddings)
     warmup_epochs: float = 2.0  # linear warmup length, then cosine decay to lr * min_lr_ratio
@@ -39,7 +40,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm
     label_smoothing: float = 0.0  # cross-entropy label smoothing (0 keeps probabilities honest before scaling)
     seed: int = 0  # seeds weights init order, shuffling, augmentation and the training noise
-    num_workers: int = 0  # DataLoader workers (0 = main process; the data sets here are small)
+    num_workers: int = 1  # DataLoader workers; 1 keeps augmentation single-threaded (tiny ops spin on 2 threads)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -154,8 +155,9 @@ def train_model(model: SNodeViT, train_set: Dataset, val_set: Dataset, tc: Train
                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
         result.history.append(row)
         log.info("epoch %d: %s", epoch, row)
-        bar.write(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}  "
-                  f"val acc {val_acc:.4f}  val nll {val_nll:.4f}  ({row['seconds']:.0f}s)")
+        if progress:
+            bar.write(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}  "
+                      f"val acc {val_acc:.4f}  val nll {val_nll:.4f}  ({row['seconds']:.0f}s)", file=sys.stderr)
         if on_epoch is not None:
             on_epoch(row)
         if val_acc > result.best_val_accuracy:

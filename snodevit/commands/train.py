@@ -1,0 +1,87 @@
+"""`snodevit train`: train a model on a data set and write the best checkpoint (safetensors + JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..config import ATTENTION_TYPES, POOL_TYPES, SOLVER_TYPES, get_config, list_variants
+from ..data import load_dataset
+from ..model import SNodeViT, count_parameters
+from ..train import TrainConfig, train_model
+from ._common import add_device_flag, add_json_flag, emit, positive_int, resolve_device
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model", description=__doc__)
+    p.add_argument("--variant", default="tiny", choices=list_variants())
+    p.add_argument("--data", default="mnist5k", help="mnist5k, digits, imagefolder:PATH or cifar10:PATH")
+    p.add_argument("--out", required=True, type=Path, help="model directory to write")
+    p.add_argument("--epochs", type=positive_int, default=TrainConfig.epochs)
+    p.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention", choices=ATTENTION_TYPES, default=None, help="attention backend (variant default)")
+    p.add_argument("--solver", choices=SOLVER_TYPES, default=None)
+    p.add_argument("--num-steps", type=positive_int, default=None, help="solver steps per block")
+    p.add_argument("--noise-dim", type=int, default=None, help="diffusion rank m; 0 trains a deterministic ODE ViT")
+    p.add_argument("--pool", choices=POOL_TYPES, default=None)
+    p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--image-size", type=positive_int, default=None, help="resize images (image folders, CIFAR)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_flag(p)
+    add_json_flag(p)
+    p.set_defaults(func=run)
+
+
+def model_overrides_for(prep_size: int, channels: int, num_classes: int) -> dict:
+    """Input-dependent config: 4x4 patches and a conv stem for small images, 16x16 patches otherwise."""
+    patch = 4 if prep_size <= 64 else 16
+    if prep_size % patch:
+        raise ValueError(f"image size {prep_size} is not divisible by the patch size {patch}; pass --image-size")
+    return dict(image_size=prep_size, in_channels=channels, patch_size=patch, num_classes=num_classes, stem="conv")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    augment = "light_flip" if args.data.startswith("cifar10") else "light"
+    bundle = load_dataset(args.data, image_size=args.image_size, augment=augment)
+    prep = bundle.preprocessing
+    overrides = model_overrides_for(prep.image_size, prep.channels, bundle.num_classes)
+    for key in ("attention", "solver", "num_steps", "noise_dim", "pool", "dropout"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    if args.variant == "tiny" and args.num_steps is None:
+        overrides["num_steps"] = 1  # the demo budget: one Euler-Maruyama step per block (see README)
+    cfg = get_config(args.variant, **overrides)
+    torch.manual_seed(args.seed)
+    model = SNodeViT(cfg)
+    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    meta = {"class_names": bundle.class_names, "preprocessing": prep.to_dict(), "data": bundle.spec,
+            "variant": args.variant}
+    if not args.json:
+        print(f"training {args.variant} ({count_parameters(model) / 1e6:.2f}M parameters, {cfg.attention} attention, "
+              f"{cfg.solver} x {cfg.num_steps}, noise dim {cfg.noise_dim}) on {bundle.name}: "
+              f"{len(bundle.train)} train / {len(bundle.calibration)} validation images, device {device}")
+    start = time.perf_counter()
+    show_bar = not args.no_progress and not args.json
+
+    def report(row: dict) -> None:  # epoch lines when there is no bar to carry them
+        if not show_bar and not args.json:
+            print(f"epoch {row['epoch']:3d}  loss {row['train_loss']:.4f}  val acc {row['val_accuracy']:.4f}  "
+                  f"({row['seconds']:.0f}s)", file=sys.stderr, flush=True)
+
+    result = train_model(model, bundle.train, bundle.calibration, tc, out_dir=args.out, meta=meta, device=device,
+                         progress=show_bar, on_epoch=report)
+    figures = {"out": str(args.out), "best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
+               "train_seconds": result.seconds, "total_seconds": time.perf_counter() - start,
+               "config": cfg.to_dict(), "train_config": asdict(tc)}
+    emit(args, figures, f"best validation accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}; "
+                        f"{result.seconds:.0f}s; model written to {args.out}")
+    return 0

@@ -1,0 +1,45 @@
+"""Per-image answer records: the one place where a ``Prediction`` becomes JSON-ready numbers.
+
+The HTTP service and the batch-scoring CLI both call ``prediction_records``, so the same image, seed and
+number of samples give the same numbers in both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .inference import Prediction
+
+
+def prediction_records(pred: Prediction, class_names: list[str], top_k: int = 3) -> list[dict[str, Any]]:
+    """One dict per image of the batch.
+
+    Keys: label, class_index, confidence (calibrated mean probability of the label), top_k (list of
+    {label, class_index, probability}), uncertainty {total, aleatoric, epistemic, std}, prediction_set (labels, or
+    None without conformal calibration), alpha, decision ("accept" | "review"), reason, seed, num_samples.
+    ``std`` is the standard deviation over samples of the predicted class's probability.
+    """
+    s = pred.summary
+    k = max(1, min(int(top_k), s.probs.shape[1]))
+    top_p, top_i = s.probs.topk(k, dim=-1)
+    records = []
+    for b in range(s.probs.shape[0]):
+        idx = int(s.prediction[b])
+        rec: dict[str, Any] = {
+            "label": class_names[idx],
+            "class_index": idx,
+            "confidence": float(s.probs[b, idx]),
+            "top_k": [{"label": class_names[int(i)], "class_index": int(i), "probability": float(p)}
+                      for p, i in zip(top_p[b], top_i[b])],
+            "uncertainty": {"total": float(s.total[b]), "aleatoric": float(s.aleatoric[b]),
+                            "epistemic": float(s.epistemic[b]), "std": float(s.std[b, idx])},
+            "prediction_set": None if pred.prediction_sets is None else
+            [class_names[int(i)] for i in pred.prediction_sets[b].nonzero().flatten()],
+            "alpha": pred.alpha,
+            "decision": "accept" if bool(pred.accept[b]) else "review",
+            "reason": pred.reasons[b],
+            "seed": pred.seeds[b],
+            "num_samples": int(pred.logits.shape[0]),
+        }
+        records.append(rec)
+    return records

@@ -1,0 +1,104 @@
+"""Training, checkpoints and the CLI around them, on small data the tests write."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from snodevit import MNIST_OVERRIDES, CheckpointError, create_model, load_model, save_model
+from snodevit.cli import main
+from snodevit.data import load_dataset
+from snodevit.train import TrainConfig, train_model
+
+TINY = dict(dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4)
+
+
+def _write_folder(root: Path, n_per_class: int = 12) -> Path:
+    """Three easily separable classes of 16x16 RGB images: bright left half, bright right half, dark."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["left", "right", "dark"]):
+        (root / name).mkdir(parents=True)
+        for i in range(n_per_class):
+            img = rng.integers(0, 40, size=(16, 16, 3), dtype=np.uint8)
+            if c == 0:
+                img[:, :8] += 200
+            elif c == 1:
+                img[:, 8:] += 200
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    return root
+
+
+def test_a_few_training_steps_lower_the_loss_on_an_image_folder(tmp_path: Path) -> None:
+    bundle = load_dataset(f"imagefolder:{_write_folder(tmp_path / 'data')}", image_size=16, augment="light")
+    assert bundle.class_names == ["dark", "left", "right"]
+    torch.manual_seed(0)
+    model = create_model("tiny", image_size=16, in_channels=3, patch_size=4, num_classes=3, stem="conv", **TINY)
+    tc = TrainConfig(epochs=6, batch_size=8, lr=3e-3, warmup_epochs=1, num_workers=0)
+    result = train_model(model, bundle.train, bundle.calibration, tc, out_dir=tmp_path / "m", progress=False)
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0] - 0.2, losses
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert not list((tmp_path / "m").glob("*.tmp")), "temporary files left behind"
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = create_model("tiny", **MNIST_OVERRIDES, **TINY).eval()
+    torch.nn.init.normal_(m.head.weight)
+    save_model(m, tmp_path, {"class_names": list("0123456789")})
+    m2, meta = load_model(tmp_path)
+    x = torch.randn(2, 1, 28, 28)
+    noise = torch.randn(m.noise_shape(2, 3))
+    assert torch.equal(m.sample_logits(x, noise=noise), m2.sample_logits(x, noise=noise))
+    assert meta["class_names"] == list("0123456789") and len(meta["weights_sha256"]) == 64
+    assert m2.cfg == m.cfg
+    # No pickle anywhere: the weights file is safetensors (8-byte header length + JSON header).
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert json.loads(raw[8:8 + header_len])
+
+
+def test_broken_checkpoints_give_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
+        load_model(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_model(tmp_path)
+
+
+def test_cli_bad_data_gives_a_message_and_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["train", "--data", "mnist6k", "--out", str(tmp_path / "m"), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "mnist6k" in err and "Traceback" not in err
+    code = main(["train", "--data", f"imagefolder:{tmp_path / 'missing'}", "--out", str(tmp_path / "m")])
+    assert code == 2 and "missing" in capsys.readouterr().err
+
+
+def test_cli_train_then_evaluate_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = _write_folder(tmp_path / "data", n_per_class=10)
+    out = tmp_path / "model"
+    code = main(["train", "--data", f"imagefolder:{data}", "--image-size", "16", "--out", str(out), "--epochs", "2",
+                 "--batch-size", "8", "--noise-dim", "4", "--json"])
+    assert code == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["config"]["image_size"] == 16 and figures["best_epoch"] >= 1
+    code = main(["evaluate", "--model", str(out), "--data", f"imagefolder:{data}", "--split", "test",
+                 "--num-samples", "3", "--json"])
+    assert code == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert 0.0 <= ev["accuracy"] <= 1.0 and ev["images"] == 3 and ev["nll"] > 0
+    assert ev["mean_epistemic_uncertainty"] >= 0
+
+
+def test_cli_info_prints_parameter_counts(capsys: pytest.CaptureFixture) -> None:
+    assert main(["info", "tiny", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert 0.9e6 < info["inputs"]["224px RGB, patch 16"]["parameters"] < 1.5e6
