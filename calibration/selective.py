@@ -1,0 +1,185 @@
+"""Selective prediction: accept a prediction only when its score clears a threshold fitted for a target risk.
+
+The threshold is the one that accepts the most calibration samples while the empirical error rate among the
+accepted stays at or below ``target_risk``. This is a plug-in rule on the calibration split, not a
+high-probability guarantee (Geifman & El-Yaniv's SGR adds a binomial bound for that): on new data the risk among
+accepted samples fluctuates around the target, by about ``sqrt(r (1 - r) / n_accepted)``.
+
+References:
+    Geifman & El-Yaniv. "Selective Classification for Deep Neural Networks." NeurIPS 2017.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._validation import (
+    check_bool_arg,
+    check_closed_unit_arg,
+    check_correct,
+    check_real_arg,
+    check_scores,
+)
+
+__all__ = ["SelectiveThreshold", "decide", "fit_selective_threshold", "selective_figures"]
+
+
+@dataclass(frozen=True)
+class SelectiveThreshold:
+    """An accept/review rule fitted on a calibration split."""
+
+    threshold: float  # accept when score >= threshold (or <= when higher_is_confident is False); +-inf: none
+    score_name: str  # what the score is, e.g. "confidence" or "epistemic"
+    higher_is_confident: bool  # True: larger scores are more trustworthy (confidence); False: entropy-like
+    target_risk: float  # the error rate among accepted samples the rule was fitted for
+    coverage: float  # fraction of the calibration split accepted
+    risk: float  # error rate among accepted calibration samples; NaN when none is accepted
+    n_calibration: int  # size of the calibration split
+
+
+def _accept(scores: Tensor, threshold: float, higher_is_confident: bool) -> Tensor:
+    return scores >= threshold if higher_is_confident else scores <= threshold
+
+
+def fit_selective_threshold(scores: Tensor, correct: Tensor, target_risk: float = 0.02,
+                            higher_is_confident: bool = True, score_name: str = "confidence") -> SelectiveThreshold:
+    r"""The threshold with the largest calibration coverage whose selective risk is at most ``target_risk``.
+
+    With the rule "accept if score >= t" (or <= t for uncertainty scores), over candidate thresholds t taken from
+    the calibration scores themselves,
+
+    .. math::
+        t^\star = \arg\max_t \; \mathrm{cov}(t) \quad \text{s.t.} \quad
+        \frac{\#\{\text{errors accepted at } t\}}{\#\{\text{accepted at } t\}} \le r_{\mathrm{target}},
+
+    where tied scores are accepted or rejected together. Risk is not monotone in t, so every candidate is
+    checked. If no threshold qualifies (even the single most confident group is too often wrong), the rule
+    accepts nothing: ``threshold = +inf`` (``-inf`` for uncertainty scores), coverage 0, risk NaN.
+
+    Args:
+        scores: (N,) calibration scores.
+        correct: (N,) bool, True where the prediction was right.
+        target_risk: the highest acceptable error rate among accepted samples, in [0, 1].
+        higher_is_confident: True for confidence-like scores, False for entropy-like ones.
+        score_name: a label stored with the rule, e.g. ``"confidence"``.
+
+    Returns:
+        A :class:`SelectiveThreshold`.
+
+    Raises:
+        ValueError: on a bad ``target_risk``/``higher_is_confident``/``score_name`` or invalid tensors.
+
+    Example:
+        >>> conf = torch.tensor([0.9, 0.8, 0.7, 0.6], dtype=torch.float64)
+        >>> rule = fit_selective_threshold(conf, torch.tensor([1, 1, 0, 1]), target_risk=0.25)
+        >>> rule.threshold, rule.coverage, rule.risk
+        (0.6, 1.0, 0.25)
+        >>> fit_selective_threshold(conf, torch.tensor([1, 1, 0, 1]), target_risk=0.2).coverage
+        0.5
+    """
+    check_closed_unit_arg(target_risk, "target_risk")
+    check_bool_arg(higher_is_confident, "higher_is_confident")
+    if not isinstance(score_name, str) or not score_name:
+        raise ValueError(f"`score_name` must be a non-empty string, got {score_name!r}")
+    check_scores(scores)
+    check_correct(correct, scores.shape[0])
+
+    n = scores.numel()
+    s = scores.double().cpu()
+    oriented = s if higher_is_confident else -s
+    order = torch.sort(oriented, descending=True, stable=True).indices
+    sorted_oriented = oriented[order]
+    err = (~correct.bool().cpu()[order]).double()
+    cum_err = torch.cumsum(err, 0)
+    _, counts = torch.unique_consecutive(sorted_oriented, return_counts=True)
+    end = torch.cumsum(counts, 0)  # accepted count when the threshold sits at each tie group
+    risk = cum_err[end - 1] / end
+    ok = risk <= float(target_risk) + 1e-12
+    if not bool(ok.any()):
+        none = math.inf if higher_is_confident else -math.inf
+        return SelectiveThreshold(threshold=none, score_name=score_name, higher_is_confident=higher_is_confident,
+                                  target_risk=float(target_risk), coverage=0.0, risk=math.nan, n_calibration=n)
+    best = int(torch.nonzero(ok).max())  # groups are in accepting order, so the last qualifying covers most
+    threshold = float(s[order[int(end[best]) - 1]])
+    return SelectiveThreshold(threshold=threshold, score_name=score_name, higher_is_confident=higher_is_confident,
+                              target_risk=float(target_risk), coverage=float(end[best]) / n,
+                              risk=float(risk[best]), n_calibration=n)
+
+
+def _resolve_rule(threshold: float | SelectiveThreshold, higher_is_confident: bool | None) -> tuple[float, bool]:
+    if isinstance(threshold, SelectiveThreshold):
+        if higher_is_confident is not None and higher_is_confident != threshold.higher_is_confident:
+            raise ValueError(f"`higher_is_confident`={higher_is_confident} contradicts the fitted rule "
+                             f"({threshold.higher_is_confident}); leave it None")
+        return threshold.threshold, threshold.higher_is_confident
+    check_real_arg(threshold, "threshold")
+    if higher_is_confident is None:
+        higher_is_confident = True
+    check_bool_arg(higher_is_confident, "higher_is_confident")
+    return float(threshold), higher_is_confident
+
+
+def decide(scores: Tensor, threshold: float | SelectiveThreshold, higher_is_confident: bool | None = None) -> Tensor:
+    r"""Accept mask of a selective rule: ``score >= threshold`` (confidence) or ``score <= threshold`` (uncertainty).
+
+    .. math::
+        \mathrm{accept}_i = 1[s_i \ge t] \;\; \text{(or } 1[s_i \le t] \text{)}
+
+    Args:
+        scores: (N,) scores of the samples to decide on.
+        threshold: a :class:`SelectiveThreshold`, or a bare float threshold.
+        higher_is_confident: the direction for a bare float (default True); must be None or agree with a
+            :class:`SelectiveThreshold`.
+
+    Returns:
+        (N,) bool tensor, True = accept, False = send to review.
+
+    Raises:
+        ValueError: on a bad threshold/direction or invalid tensors.
+
+    Example:
+        >>> decide(torch.tensor([0.95, 0.5]), 0.9).tolist()
+        [True, False]
+        >>> decide(torch.tensor([0.01, 0.3]), 0.1, higher_is_confident=False).tolist()
+        [True, False]
+    """
+    t, higher = _resolve_rule(threshold, higher_is_confident)
+    check_scores(scores)
+    return _accept(scores.double(), t, higher)
+
+
+def selective_figures(scores: Tensor, correct: Tensor, threshold: float | SelectiveThreshold,
+                      higher_is_confident: bool | None = None) -> dict[str, float | int]:
+    r"""Coverage and risk of a selective rule on (test) data.
+
+    .. math::
+        \mathrm{coverage} = \frac{|A|}{N}, \qquad \mathrm{risk} = \frac{\#\{\text{errors in } A\}}{|A|},
+        \qquad A = \{i : \mathrm{accept}_i\}
+
+    Args:
+        scores: (N,) scores.
+        correct: (N,) bool, True where the prediction was right.
+        threshold: a :class:`SelectiveThreshold`, or a bare float threshold.
+        higher_is_confident: the direction for a bare float (default True).
+
+    Returns:
+        ``{"coverage", "risk", "n_accepted"}``; risk is NaN when nothing is accepted.
+
+    Raises:
+        ValueError: on a bad threshold/direction or invalid tensors.
+
+    Example:
+        >>> selective_figures(torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([1, 0, 1, 1]), 0.75)
+        {'coverage': 0.5, 'risk': 0.5, 'n_accepted': 2}
+    """
+    t, higher = _resolve_rule(threshold, higher_is_confident)
+    check_scores(scores)
+    check_correct(correct, scores.shape[0])
+    accept = _accept(scores.double(), t, higher)
+    n_acc = int(accept.sum())
+    errors = int((accept & ~correct.bool()).sum())
+    return {"coverage": n_acc / scores.numel(), "risk": errors / n_acc if n_acc else math.nan, "n_accepted": n_acc}
