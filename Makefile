@@ -9,6 +9,8 @@ export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := True
 
 .PHONY: install test serve demo-model bench lock clean
+HOST ?= 127.0.0.1
+PORT ?= 3000
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "snodevit needs Python 3.11, found " + sys.version' 
@@ -23,8 +25,17 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The main job: make sure the demo model exists in the BentoML store (train + calibrate + export + register
+# on first run), then serve it on localhost:3000.
+demo-model: $(STAMP)
+	$(PY) -m service.demo
+
+serve: demo-model
+	$(VENV)/bin/bentoml serve service.service:SNodeViTService --host $(HOST) --port $(PORT)
+
 lock:
-	$(PY) -m pip freeze --exclude-editable | grep -v '^snodevit' > requirements.lock.new && mv requirements.lock.new requirements.lock
+	{ sed -n '/^#/p' requirements.lock; $(PY) -m pip freeze --exclude-editable | grep -v '^snodevit'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
 
 clean:
 	rm -rf $(VENV) .bentoml runs

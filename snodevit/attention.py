@@ -89,7 +89,7 @@ class KSVDAttention(nn.Module):
 
     def __init__(self, cfg: SNodeViTConfig) -> None:
         super().__init__()
-        h, hd, r = cfg.num_heads, cfg.head_dim, cfg.rank
+        h, hd, r = cfg.num_heads, cfg.head_dim, cfg.effective_rank
         self.num_heads, self.head_dim, self.rank = h, hd, r
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
         self.we = nn.Parameter(torch.empty(h, hd, r))
@@ -140,10 +140,189 @@ class KSVDAttention(nn.Module):
         return AttentionOutput(self.drop(self.proj(o)), weights, reg)
 
 
+class _QKVAttention(nn.Module):
+    """Shared plumbing of the efficient backends: merged QKV projection, heads, output projection."""
+
+    def __init__(self, cfg: SNodeViTConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)  # each (B, H, N, hd)
+
+    def _merge(self, o: Tensor) -> Tensor:
+        b, h, n, hd = o.shape
+        return self.drop(self.proj(o.transpose(1, 2).reshape(b, n, h * hd)))
+
+
+class LinformerAttention(_QKVAttention):
+    """Linformer (Wang et al. 2020): keys and values projected along the token axis to length k.
+
+    The projection E (k, N) is learned for one token count, so the image size is static for this backend.
+    """
+
+    def __init__(self, cfg: SNodeViTConfig) -> None:
+        super().__init__(cfg)
+        k = min(cfg.linformer_k, cfg.num_tokens)
+        self.e = nn.Parameter(torch.randn(k, cfg.num_tokens) / math.sqrt(cfg.num_tokens))
+        self.f = nn.Parameter(torch.randn(k, cfg.num_tokens) / math.sqrt(cfg.num_tokens))
+
+    def forward(self, x: Tensor, lam: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
+        q, k, v = self._split(x)
+        kp = self.e @ k  # (B, H, k, hd)
+        vp = self.f @ v
+        attn = ((q * self.scale) @ kp.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, k)
+        o = attn @ vp
+        weights = None
+        if need_weights:  # token n's weight on token j: sum over projected slots of attn * |F| share
+            f = self.f.abs() / self.f.abs().sum(dim=-1, keepdim=True)
+            weights = (attn @ f).mean(dim=1)
+        return AttentionOutput(self._merge(o), weights, None)
+
+
+class PerformerAttention(_QKVAttention):
+    """Performer FAVOR+ (Choromanski et al. 2021): positive orthogonal random features.
+
+    The features are redrawn at every training forward and fixed (a buffer) in eval and in export, so
+    inference is deterministic given the noise. Stabilisers are per image and head, never across the batch.
+    """
+
+    def __init__(self, cfg: SNodeViTConfig) -> None:
+        super().__init__(cfg)
+        self.num_features = cfg.performer_features
+        self.register_buffer("omega", self._draw())
+
+    def _draw(self) -> Tensor:
+        m, d = self.num_features, self.head_dim
+        blocks = []
+        for _ in range(math.ceil(m / d)):
+            qm, _ = torch.linalg.qr(torch.randn(d, d))
+            blocks.append(qm.T)
+        w = torch.cat(blocks)[:m]  # (m, d) orthogonal rows
+        norms = torch.randn(m, d).norm(dim=1, keepdim=True)  # chi-distributed lengths
+        return w * norms
+
+    def _features(self, x: Tensor, is_query: bool) -> Tensor:
+        x = x * self.head_dim**-0.25
+        proj = x @ self.omega.T  # (B, H, N, m)
+        sq = 0.5 * x.pow(2).sum(dim=-1, keepdim=True)
+        if is_query:
+            stab = proj.amax(dim=-1, keepdim=True)
+        else:
+            stab = proj.amax(dim=(-1, -2), keepdim=True)  # one constant per image and head
+        return torch.exp(proj - sq - stab.detach()) / math.sqrt(self.num_features) + 1e-6
+
+    def forward(self, x: Tensor, lam: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
+        if self.training:
+            self.omega = self._draw().to(self.omega)
+        q, k, v = self._split(x)
+        qf, kf = self._features(q, True), self._features(k, False)  # (B, H, N, m)
+        kv = kf.transpose(-2, -1) @ v  # (B, H, m, hd)
+        norm = qf @ kf.sum(dim=2, keepdim=True).transpose(-2, -1)  # (B, H, N, 1)
+        o = (qf @ kv) / norm
+        weights = None
+        if need_weights:
+            a = qf @ kf.transpose(-2, -1)
+            weights = (a / a.sum(dim=-1, keepdim=True)).mean(dim=1)
+        return AttentionOutput(self._merge(o), weights, None)
+
+
+def _iterative_pinv(a: Tensor, iters: int = 6) -> Tensor:
+    """Moore-Penrose pseudo-inverse by the Newton-Schulz style iteration of Nystromformer, per matrix.
+
+    The initial scaling uses each matrix's own norms (the reference implementation takes the max over the whole
+    batch, which would couple images and Monte Carlo samples).
+    """
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    col = a.abs().sum(dim=-2).amax(dim=-1)[..., None, None]
+    row = a.abs().sum(dim=-1).amax(dim=-1)[..., None, None]
+    z = a.transpose(-2, -1) / (col * row)
+    for _ in range(iters):
+        az = a @ z
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    return z
+
+
+class NystromAttention(_QKVAttention):
+    """Nystromformer (Xiong et al. 2021): softmax attention through landmarks = segment means of Q and K."""
+
+    def __init__(self, cfg: SNodeViTConfig) -> None:
+        super().__init__(cfg)
+        self.landmarks = min(cfg.nystrom_landmarks, cfg.num_tokens)
+
+    def _segment_means(self, x: Tensor) -> Tensor:
+        b, h, n, d = x.shape
+        pooled = F.adaptive_avg_pool1d(x.reshape(b * h, n, d).transpose(1, 2), self.landmarks)
+        return pooled.transpose(1, 2).reshape(b, h, self.landmarks, d)
+
+    def forward(self, x: Tensor, lam: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
+        q, k, v = self._split(x)
+        q = q * self.scale
+        ql, kl = self._segment_means(q), self._segment_means(k)
+        k1 = (q @ kl.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, L)
+        k2 = (ql @ kl.transpose(-2, -1)).softmax(dim=-1)  # (B, H, L, L)
+        k3 = (ql @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, L, N)
+        left = k1 @ _iterative_pinv(k2)
+        o = left @ (k3 @ v)
+        weights = None
+        if need_weights:
+            a = (left @ k3).clamp_min(0)
+            weights = (a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)).mean(dim=1)
+        return AttentionOutput(self._merge(o), weights, None)
+
+
+class HybridAttention(_QKVAttention):
+    """Dilated local softmax attention on the patch grid plus a global linear attention, mixed by a learned gate.
+
+    Local: each patch attends to patches within ``hybrid_window`` dilated steps (``hybrid_dilation``) on the
+    grid and to the class token; the class token attends everywhere. Global: linear attention with the
+    elu+1 feature map (Katharopoulos et al. 2020). The local part is computed with a mask over the full score
+    matrix, so its cost is still O(N^2) here; only its receptive field is local.
+    """
+
+    def __init__(self, cfg: SNodeViTConfig) -> None:
+        super().__init__(cfg)
+        g = cfg.grid_size
+        rows = torch.arange(g).repeat_interleave(g)
+        cols = torch.arange(g).repeat(g)
+        dr = rows[:, None] - rows[None, :]
+        dc = cols[:, None] - cols[None, :]
+        r, dil = cfg.hybrid_window, cfg.hybrid_dilation
+        local = (dr.abs() <= r * dil) & (dc.abs() <= r * dil) & (dr % dil == 0) & (dc % dil == 0)
+        mask = torch.ones(cfg.num_tokens, cfg.num_tokens, dtype=torch.bool)
+        mask[1:, 1:] = local
+        self.register_buffer("bias", torch.zeros(mask.shape).masked_fill(~mask, float("-inf")), persistent=False)
+        self.gate = nn.Parameter(torch.zeros(cfg.num_heads, 1, 1))
+
+    def forward(self, x: Tensor, lam: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
+        q, k, v = self._split(x)
+        local = ((q * self.scale) @ k.transpose(-2, -1) + self.bias).softmax(dim=-1)  # (B, H, N, N)
+        qf, kf = F.elu(q) + 1, F.elu(k) + 1
+        norm = qf @ kf.sum(dim=2, keepdim=True).transpose(-2, -1)
+        glob = (qf @ (kf.transpose(-2, -1) @ v)) / norm
+        g = torch.sigmoid(self.gate)
+        o = (1 - g) * (local @ v) + g * glob
+        weights = None
+        if need_weights:
+            a = qf @ kf.transpose(-2, -1)
+            weights = ((1 - g) * local + g * a / a.sum(dim=-1, keepdim=True)).mean(dim=1)
+        return AttentionOutput(self._merge(o), weights, None)
+
+
+_BACKENDS: dict[str, type[nn.Module]] = {
+    "ksvd": KSVDAttention, "softmax": SoftmaxAttention, "linformer": LinformerAttention,
+    "performer": PerformerAttention, "nystrom": NystromAttention, "hybrid": HybridAttention,
+}
+
+
 def build_attention(cfg: SNodeViTConfig) -> nn.Module:
     """Attention backend named by ``cfg.attention``."""
-    if cfg.attention == "ksvd":
-        return KSVDAttention(cfg)
-    if cfg.attention == "softmax":
-        return SoftmaxAttention(cfg)
-    raise ValueError(f"attention must be one of ['ksvd', 'softmax'], got {cfg.attention!r}")
+    if cfg.attention not in _BACKENDS:
+        raise ValueError(f"attention must be one of {sorted(_BACKENDS)}, got {cfg.attention!r}")
+    return _BACKENDS[cfg.attention](cfg)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, get_args
 
-AttentionType = Literal["ksvd", "softmax"]
+AttentionType = Literal["ksvd", "softmax", "linformer", "performer", "nystrom", "hybrid"]
+RankMode = Literal["fixed", "adaptive"]
 SolverType = Literal["euler", "heun"]
 StemType = Literal["patch", "conv"]
 PoolType = Literal["cls", "mean"]
@@ -22,6 +24,7 @@ ATTENTION_TYPES: tuple[str, ...] = get_args(AttentionType)
 SOLVER_TYPES: tuple[str, ...] = get_args(SolverType)
 STEM_TYPES: tuple[str, ...] = get_args(StemType)
 POOL_TYPES: tuple[str, ...] = get_args(PoolType)
+RANK_MODES: tuple[str, ...] = get_args(RankMode)
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -48,7 +51,13 @@ class SNodeViTConfig:
     num_heads: int = 3  # attention heads; dim must be divisible by it
     rank: int = 8  # KSVD rank r: number of e/r score directions per head
     mlp_ratio: float = 4.0  # hidden width of the drift MLP is mlp_ratio * dim
-    attention: AttentionType = "ksvd"  # "ksvd" (Primal-Attention, fixed rank) or "softmax" (plain ViT attention)
+    attention: AttentionType = "ksvd"  # ksvd (Primal-Attention), softmax (plain ViT), linformer, performer, nystrom, hybrid
+    rank_mode: RankMode = "fixed"  # ksvd: "fixed" uses `rank`; "adaptive" picks it from token count and width
+    linformer_k: int = 16  # linformer: length the keys/values are projected to (needs a static token count)
+    performer_features: int = 32  # performer: number of positive orthogonal random features per head
+    nystrom_landmarks: int = 8  # nystrom: landmarks (segment means of queries/keys)
+    hybrid_window: int = 1  # hybrid: local window radius on the patch grid (in dilated steps)
+    hybrid_dilation: int = 2  # hybrid: dilation of the local window
     fused_attn: bool = True  # softmax only: use scaled_dot_product_attention; the explicit path is used for export/maps
     stem: StemType = "patch"  # "patch" (one strided conv) or "conv" (3x3 conv stack, Xiao et al. 2021)
     pool: PoolType = "cls"  # read the class token ("cls") or average the patch tokens ("mean")
@@ -66,8 +75,10 @@ class SNodeViTConfig:
         _check_choice("solver", self.solver, SOLVER_TYPES)
         _check_choice("stem", self.stem, STEM_TYPES)
         _check_choice("pool", self.pool, POOL_TYPES)
+        _check_choice("rank_mode", self.rank_mode, RANK_MODES)
         for name in ("image_size", "in_channels", "patch_size", "num_classes", "dim", "depth", "num_heads", "rank",
-                     "num_steps", "time_embed_dim", "time_hidden_dim"):
+                     "num_steps", "time_embed_dim", "time_hidden_dim", "linformer_k", "performer_features",
+                     "nystrom_landmarks", "hybrid_window", "hybrid_dilation"):
             _check_positive(name, getattr(self, name))
         _check_positive("noise_dim", self.noise_dim, allow_zero=True)
         if self.dim % self.num_heads:
@@ -100,6 +111,14 @@ class SNodeViTConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    @property
+    def effective_rank(self) -> int:
+        """KSVD rank: ``rank``, or with rank_mode="adaptive" ceil(sqrt(N)) clamped to [4, head_dim]
+        (more directions for more tokens, never more than a head can hold)."""
+        if self.rank_mode == "fixed":
+            return self.rank
+        return max(4, min(self.head_dim, math.ceil(math.sqrt(self.num_tokens))))
 
     @property
     def stochastic(self) -> bool:

@@ -85,7 +85,7 @@ class SDEBlock(nn.Module):
         hidden = int(d * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, d),
                                  nn.Dropout(cfg.dropout))
-        self.timenet = TimeNet(d, cfg.num_heads, cfg.rank, cfg.noise_dim, cfg.time_embed_dim, cfg.time_hidden_dim,
+        self.timenet = TimeNet(d, cfg.num_heads, cfg.effective_rank, cfg.noise_dim, cfg.time_embed_dim, cfg.time_hidden_dim,
                                cfg.diffusion_scale)
         if cfg.stochastic:
             self.diff_gate = nn.Linear(d, cfg.noise_dim)  # s(X): state dependence of the diffusion

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from snodevit import MNIST_OVERRIDES, SNodeViTConfig, count_parameters, create_model, get_config, list_variants
+from snodevit.config import ATTENTION_TYPES
 from snodevit.sde import SOLVERS, check_solver
 
 SMALL = dict(MNIST_OVERRIDES, dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4)
@@ -27,7 +28,7 @@ def test_parameter_counts_match_the_seed_table(variant: str) -> None:
     assert 0.75 * target <= n <= 1.25 * target, n
 
 
-@pytest.mark.parametrize("attention", ["ksvd", "softmax"])
+@pytest.mark.parametrize("attention", ATTENTION_TYPES)
 @pytest.mark.parametrize("solver", ["euler", "heun"])
 @pytest.mark.parametrize("stem", ["patch", "conv"])
 def test_shapes_no_nans_and_gradients(attention: str, solver: str, stem: str) -> None:
@@ -66,7 +67,7 @@ def test_fused_and_explicit_softmax_attention_agree() -> None:
     torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["ksvd", "softmax"])
+@pytest.mark.parametrize("attention", ATTENTION_TYPES)
 def test_same_noise_identical_different_noise_different(attention: str) -> None:
     m = _model(attention=attention)
     x = torch.randn(2, 1, 28, 28)
@@ -108,7 +109,7 @@ def test_one_euler_step_without_diffusion_is_a_pre_norm_transformer_block() -> N
     torch.testing.assert_close(out, ref)
 
 
-@pytest.mark.parametrize("attention", ["ksvd", "softmax"])
+@pytest.mark.parametrize("attention", ATTENTION_TYPES)
 @pytest.mark.parametrize("solver", ["euler", "heun"])
 def test_folded_samples_equal_a_loop_over_the_same_noise(attention: str, solver: str) -> None:
     m = _model(attention=attention, solver=solver)
@@ -123,7 +124,7 @@ def test_folded_samples_equal_a_loop_over_the_same_noise(attention: str, solver:
 
 
 def test_attention_weights_are_row_stochastic_for_every_backend() -> None:
-    for attention in ("ksvd", "softmax"):
+    for attention in ATTENTION_TYPES:
         m = _model(attention=attention)
         _, attn = m.sample_logits(torch.randn(2, 1, 28, 28), 2, return_attention=True)
         assert attn.shape == (2, 2, 2, 50, 50)
@@ -171,3 +172,27 @@ def test_solvers_declare_what_they_support() -> None:
     assert SOLVERS["euler"].sde_type == "ito" and SOLVERS["heun"].sde_type == "stratonovich"
     with pytest.raises(ValueError, match="does not support noise type"):
         check_solver("euler", "scalar")
+
+
+def test_performer_features_are_fixed_in_eval_and_redrawn_in_training() -> None:
+    m = _model(attention="performer")
+    omega = m.blocks[0].attn.omega.clone()
+    m.sample_logits(torch.randn(1, 1, 28, 28), 2)
+    assert torch.equal(omega, m.blocks[0].attn.omega)
+    m.train()
+    m.forward_train(torch.randn(2, 1, 28, 28))
+    assert not torch.equal(omega, m.blocks[0].attn.omega)
+
+
+def test_nystrom_pseudo_inverse_matches_torch_pinv() -> None:
+    from snodevit.attention import _iterative_pinv
+
+    a = torch.softmax(torch.randn(3, 6, 6, dtype=torch.float64), dim=-1)
+    torch.testing.assert_close(_iterative_pinv(a, iters=20), torch.linalg.pinv(a), atol=1e-6, rtol=1e-6)
+
+
+def test_adaptive_rank_grows_with_tokens_within_bounds() -> None:
+    small = get_config("tiny", rank_mode="adaptive", image_size=28, patch_size=4)  # 50 tokens
+    big = get_config("tiny", rank_mode="adaptive", image_size=112, patch_size=4)  # 785 tokens
+    assert 4 <= small.effective_rank < big.effective_rank <= small.head_dim
+    assert get_config("tiny").effective_rank == 8

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import MNIST_OVERRIDES, get_config, list_variants
+from ..config import ATTENTION_TYPES, MNIST_OVERRIDES, get_config, list_variants
 from ..model import SNodeViT, count_parameters
 from ._common import add_json_flag, emit
 
@@ -12,7 +12,7 @@ from ._common import add_json_flag, emit
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="parameter counts of a model variant", description=__doc__)
     p.add_argument("variant", choices=list_variants())
-    p.add_argument("--attention", default="ksvd", choices=["ksvd", "softmax"])
+    p.add_argument("--attention", default="ksvd", choices=ATTENTION_TYPES)
     add_json_flag(p)
     p.set_defaults(func=run)
 
