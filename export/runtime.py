@@ -1,0 +1,254 @@
+"""ONNX Runtime predictor: an exported graph behind the same sampling interface as the PyTorch model.
+
+``OnnxPredictor`` implements ``snodevit.inference.SamplingBackend`` (``noise_shape`` and ``sample_logits``), so
+``snodevit.inference.predict`` runs unchanged on it: the noise is drawn per image from its seed by ``predict``
+and fed to the graph's ``noise`` input. Everything else a server needs (config, class names, preprocessing,
+calibration, weights hash) comes from the file's metadata.
+
+On a CUDA machine (ONNX Runtime's CUDA provider present and ``torch.cuda.is_available()``) inputs and outputs
+are bound to torch CUDA tensors with IOBinding, so they never make a host round trip; otherwise only the CPU
+provider is requested, so no CUDA error is logged on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from snodevit.config import SNodeViTConfig
+from snodevit.images import Preprocessing
+from snodevit.inference import Calibration
+
+from .metadata import ATTENTION, IMAGES, LOGITS, NOISE, OnnxModelError, check_file, decode_metadata
+
+logger = logging.getLogger(__name__)
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads share a core's FMA units, so they do not help)."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        allowed = os.cpu_count() or 1
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or allowed
+    except ImportError:
+        physical = allowed
+    return max(1, min(allowed, physical))
+
+
+def cuda_available() -> bool:
+    """True when both ONNX Runtime's CUDA provider and a CUDA device for torch are present."""
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if not cuda_available():
+        raise ValueError(f"device={device!r} needs ONNX Runtime's CUDAExecutionProvider and a CUDA device for "
+                         "torch; this machine lacks one. Use device='cpu' or 'auto'")
+    return torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+class OnnxPredictor:
+    """Monte Carlo logits from an exported graph; a drop-in ``SamplingBackend`` for ``predict``.
+
+    Attributes:
+        cfg: the model's ``SNodeViTConfig``, rebuilt from the metadata.
+        class_names, preprocessing, calibration, weights_sha256: from the metadata.
+        metadata: every decoded metadata value (see ``export.metadata``).
+        device: where inputs are bound and outputs returned (cpu or cuda:N).
+        has_attention: whether the graph has the ``attention`` output.
+    """
+
+    def __init__(self, path: str | Path, *, device: str = "auto", intra_op_threads: int | None = None) -> None:
+        """Open ``path`` with ONNX Runtime.
+
+        Args:
+            path: an ``.onnx`` file written by ``export_onnx``.
+            device: "auto" (CUDA when usable, else CPU), "cpu", "cuda" or "cuda:N".
+            intra_op_threads: CPU threads of one inference; None uses the physical cores.
+
+        Raises:
+            FileNotFoundError: no such file.
+            OnnxModelError: an empty, truncated, corrupt or foreign file (the message names it and the problem).
+            ValueError: an unknown device, or CUDA asked for where it is not available.
+        """
+        import onnxruntime as ort
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+        self.path = Path(path)
+        check_file(self.path)
+        self.device = _resolve_device(device)
+        if intra_op_threads is not None and intra_op_threads < 1:
+            raise ValueError(f"intra_op_threads must be >= 1, got {intra_op_threads}")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = intra_op_threads or physical_cores()
+        opts.inter_op_num_threads = 1  # the graph is a chain of blocks: nothing to run in parallel
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Idle intra-op threads spin by default; on a CPU shared with other workers that burns the cycles they
+        # need (2 threads on a busy 2-core box: 46 ms spinning vs 39 ms not, B=1 S=8) for ~nothing when idle.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.device.type == "cuda":
+            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": self.device.index}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        errors = (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.NoModel,
+                  ort_errors.NotImplemented, ort_errors.RuntimeException)
+        try:
+            self._session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        except ort_errors.InvalidProtobuf as e:
+            raise OnnxModelError(f"{self.path} is not a readable ONNX model (truncated or corrupt?): {e}") from e
+        except errors as e:
+            raise OnnxModelError(f"{self.path}: ONNX Runtime cannot load this model: {e}") from e
+        meta = decode_metadata(self._session.get_modelmeta().custom_metadata_map, self.path)
+        self.metadata: dict[str, Any] = meta
+        self.cfg: SNodeViTConfig = meta["config"]
+        self.class_names: list[str] = list(meta["class_names"])
+        self.preprocessing: Preprocessing = meta["preprocessing"]
+        self.calibration: Calibration = meta["calibration"]
+        self.weights_sha256: str = meta["weights_sha256"]
+        self._static = meta["static_sizes"]  # {"batch_size", "num_samples"} or None
+        self._output_names = [o.name for o in self._session.get_outputs()]
+        self._check_graph()
+        self.has_attention = ATTENTION in self._output_names
+        logger.info("loaded %s on %s (providers %s)", self.path, self.device, self._session.get_providers())
+
+    def _check_graph(self) -> None:
+        """The graph's inputs and outputs must be the ones the metadata describes."""
+        c = self.cfg
+        inputs = {i.name: i.shape for i in self._session.get_inputs()}
+        want_images = [c.in_channels, c.image_size, c.image_size]
+        want_tail = [c.depth, c.num_steps, c.num_tokens, c.noise_dim]
+        ok = (set(inputs) == {IMAGES, NOISE} and len(inputs[IMAGES]) == 4 and list(inputs[IMAGES][1:]) == want_images
+              and len(inputs[NOISE]) == 6 and list(inputs[NOISE][2:]) == want_tail
+              and self._output_names[:1] == [LOGITS] and set(self._output_names) <= {LOGITS, ATTENTION})
+        if not ok:
+            got = {"inputs": inputs, "outputs": self._output_names}
+            raise OnnxModelError(f"{self.path}: the graph's inputs/outputs {got} do not match its metadata "
+                                 f"(images (B, {', '.join(map(str, want_images))}), noise (S, B, "
+                                 f"{', '.join(map(str, want_tail))}) -> logits [, attention])")
+
+    @property
+    def providers(self) -> list[str]:
+        """Execution providers the session runs on, in priority order."""
+        return self._session.get_providers()
+
+    def noise_shape(self, batch_size: int, num_samples: int = 1) -> tuple[int, ...]:
+        """Shape of the noise input: (S, B, depth, K, N, m)."""
+        c = self.cfg
+        return (num_samples, batch_size, c.depth, c.num_steps, c.num_tokens, c.noise_dim)
+
+    def _check_images(self, images: Tensor) -> None:
+        c = self.cfg
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images must be a (B, C, H, W) tensor, got {got}")
+        if tuple(images.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
+            raise ValueError(f"images must have shape (B, {c.in_channels}, {c.image_size}, {c.image_size}) for this "
+                             f"model, got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be a floating point tensor (normalised pixels), got {images.dtype}")
+
+    def _check_noise(self, noise: Tensor, batch_size: int, num_samples: int | None) -> None:
+        if not isinstance(noise, Tensor) or noise.dim() == 0:
+            raise ValueError(f"noise must be a (S, B, depth, K, N, m) tensor, got {type(noise).__name__}")
+        want = self.noise_shape(batch_size, num_samples if num_samples is not None else noise.shape[0])
+        if tuple(noise.shape) != want:
+            raise ValueError(f"noise must have shape (S, B, depth, K, N, m) = {want} for this input, "
+                             f"got {tuple(noise.shape)}")
+        if self._static and (batch_size, want[0]) != (self._static["batch_size"], self._static["num_samples"]):
+            raise ValueError(f"{self.path} was exported with static shapes: it takes exactly "
+                             f"B={self._static['batch_size']} images and S={self._static['num_samples']} samples, "
+                             f"got B={batch_size}, S={want[0]}")
+
+    @torch.no_grad()
+    def sample_logits(self, images: Tensor, num_samples: int | None = None, noise: Tensor | None = None, *,
+                      generator: torch.Generator | None = None,
+                      return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Monte Carlo logits, the ONNX twin of ``SNodeViT.sample_logits``.
+
+        Args:
+            images: (B, C, H, W) normalised images (any float dtype, any device).
+            num_samples: S; taken from ``noise`` when it is given.
+            noise: (S, B, depth, K, N, m) standard normals, or None to draw them (from ``generator``).
+            generator: seeds the noise drawn when ``noise`` is None.
+            return_attention: also return the applied attention (S, B, depth, N, N); the graph must have been
+                exported with attention maps.
+
+        Returns:
+            float32 logits (S, B, classes) [, attention], on ``images``' device.
+
+        Raises:
+            ValueError: images or noise of the wrong shape, neither num_samples nor noise given, attention asked
+                of a graph without it, or sizes other than those of a static graph.
+        """
+        if return_attention and not self.has_attention:
+            raise ValueError(f"{self.path} was exported without attention maps; re-export it with "
+                             "`snodevit export --attention-maps`")
+        self._check_images(images)
+        b = images.shape[0]
+        if noise is None:
+            if num_samples is None or num_samples < 1:
+                raise ValueError(f"num_samples must be >= 1 when no noise is given, got {num_samples!r}")
+            noise = torch.randn(self.noise_shape(b, num_samples), generator=generator)
+        self._check_noise(noise, b, num_samples)
+        names = [LOGITS, ATTENTION] if return_attention else [LOGITS]
+        if self.device.type == "cuda":
+            outs = self._run_cuda(images, noise, names)
+        else:
+            feeds = {IMAGES: _to_numpy(images), NOISE: _to_numpy(noise)}
+            outs = [torch.from_numpy(o) for o in self._session.run(names, feeds)]
+        outs = [o.to(images.device) for o in outs]
+        return (outs[0], outs[1]) if return_attention else outs[0]
+
+    def _run_cuda(self, images: Tensor, noise: Tensor, names: list[str]) -> list[Tensor]:
+        """Run with IOBinding on torch CUDA tensors: no host round trip for inputs or outputs."""
+        dev = self.device
+        x = images.detach().to(dev, torch.float32).contiguous()
+        n = noise.detach().to(dev, torch.float32).contiguous()
+        s, b = n.shape[:2]
+        c = self.cfg
+        shapes = {LOGITS: (s, b, c.num_classes), ATTENTION: (s, b, c.depth, c.num_tokens, c.num_tokens)}
+        outs = [torch.empty(shapes[name], device=dev, dtype=torch.float32) for name in names]
+        binding = self._session.io_binding()
+        for name, t in ((IMAGES, x), (NOISE, n)):
+            if t.numel() == 0:  # a deterministic model's (S, B, depth, K, N, 0) noise has no device buffer to bind
+                binding.bind_cpu_input(name, t.cpu().numpy())
+            else:
+                binding.bind_input(name, "cuda", dev.index, np.float32, tuple(t.shape), t.data_ptr())
+        for name, t in zip(names, outs):
+            binding.bind_output(name, "cuda", dev.index, np.float32, tuple(t.shape), t.data_ptr())
+        # ONNX Runtime runs on its own stream: the copies above, queued on torch's stream, must be done first.
+        torch.cuda.current_stream(dev).synchronize()
+        self._session.run_with_iobinding(binding)  # synchronises its stream before returning
+        return outs
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (f"OnnxPredictor({str(self.path)!r}, device={str(self.device)!r}, {c.attention}/{c.solver}, "
+                f"{c.num_classes} classes, attention_output={self.has_attention})")
+
+
+def _to_numpy(t: Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
