@@ -21,6 +21,7 @@ from export import OnnxModelError, OnnxPredictor, check_parity, export_onnx, rea
 from snodevit import MNIST_OVERRIDES, Calibration, SNodeViT, create_model, predict, save_model
 from snodevit.checkpoint import read_meta, weights_hash
 from snodevit.cli import main
+from snodevit.config import ATTENTION_TYPES
 from snodevit.images import Preprocessing
 
 TOL = 1e-4
@@ -323,3 +324,17 @@ def test_cuda_provider_with_iobinding(exported: Exported) -> None:
     if pred.has_attention:
         logits, attn = pred.sample_logits(x, noise=noise, return_attention=True)
         assert logits.is_cuda and attn.is_cuda and attn.shape[:2] == (8, 3)
+
+
+# ----------------------------------------------------------------------------------------------- every backend
+@pytest.mark.parametrize("attention", [a for a in ATTENTION_TYPES if a not in ("ksvd", "softmax")])
+def test_every_other_attention_backend_exports_and_matches(attention: str, tmp_path: Path) -> None:
+    m = _model(attention=attention, depth=1, num_steps=1)  # one drift evaluation keeps the export short
+    pred = OnnxPredictor(export_onnx(m, tmp_path / "m.onnx", meta=META, attention_maps=True), device="cpu")
+    x = _images(3)
+    noise = torch.randn(m.noise_shape(3, 4), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref_logits, ref_attn = m.sample_logits(x, noise=noise, return_attention=True)
+    logits, attn = pred.sample_logits(x, noise=noise, return_attention=True)
+    assert float((logits - ref_logits).abs().max()) <= TOL
+    assert float((attn - ref_attn).abs().max()) <= TOL
