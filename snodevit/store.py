@@ -1,0 +1,221 @@
+"""Register trained models in the BentoML model store, and find them again.
+
+A stored model is a plain copy of the model directory written by ``snodevit train`` (and updated by
+``snodevit calibrate``), plus the ONNX graph when one is given::
+
+    model.safetensors   weights
+    config.json         SNodeViTConfig
+    meta.json           class names, preprocessing, calibration, training figures
+    model.onnx          optional: ``snodevit export`` of the same weights
+
+so ``snodevit.loading.open_model(stored_path, backend="torch" | "onnx")`` opens it like any model directory.
+The BentoML entry's metadata carries the headline figures (classes, weights hash, calibration), so
+``bentoml models get snodevit-mnist:latest`` answers "which model is this?" without loading it.
+
+BentoML reads ``BENTOML_HOME`` once per process; :func:`use_home` switches an already running process (tests,
+notebooks) to another store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .checkpoint import CONFIG_FILE, META_FILE, WEIGHTS_FILE, CheckpointError, load_model, weights_hash
+
+if TYPE_CHECKING:
+    from bentoml import Tag
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NAME = "snodevit-mnist"
+ONNX_FILE = "model.onnx"
+# Nested calibration figures copied into the entry's metadata at most this deep / this many.
+_MAX_FIGURES = 64
+_MAX_DEPTH = 3
+
+
+def use_home(home: str | os.PathLike[str]) -> Path:
+    """Point this process (and the subprocesses it starts) at the BentoML home ``home``.
+
+    Sets ``BENTOML_HOME`` and replaces BentoML's cached stores, so it also works after ``bentoml`` was imported
+    and used. The folder and its ``models``/``bentos`` sub-folders are created.
+
+    Returns:
+        The home as an absolute path.
+    """
+    from bentoml._internal.bento import BentoStore
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models import ModelStore
+
+    home = Path(home).absolute()
+    for sub in ("", "models", "bentos", "envs", "tmp"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    os.environ["BENTOML_HOME"] = str(home)
+    BentoMLContainer.bentoml_home.set(str(home))
+    BentoMLContainer.model_store.set(ModelStore(str(home / "models")))
+    BentoMLContainer.bento_store.set(BentoStore(str(home / "bentos")))
+    BentoMLContainer.tmp_bento_store.set(BentoStore(str(home / "tmp")))
+    return home
+
+
+def _figures(value: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:
+    """Flatten the scalar figures of a (nested) dict: ``{"a": {"b": 1.0}} -> [("a.b", 1.0)]``. Drops NaN/inf."""
+    if isinstance(value, Mapping):
+        if depth >= _MAX_DEPTH:
+            return []
+        out: list[tuple[str, Any]] = []
+        for key in sorted(value, key=str):
+            out.extend(_figures(value[key], f"{prefix}{key}.", depth + 1))
+        return out
+    key = prefix.rstrip(".")
+    if isinstance(value, bool) or isinstance(value, (int, str)):
+        return [(key, value)]
+    if isinstance(value, float):
+        return [(key, value)] if math.isfinite(value) else []
+    return []
+
+
+def headline_metadata(meta: Mapping[str, Any], weights_sha256: str, has_onnx: bool) -> dict[str, Any]:
+    """The metadata stored on the BentoML entry: identity, classes, preprocessing and calibration figures.
+
+    Args:
+        meta: the model's meta.json.
+        weights_sha256: hash of the weights as loaded.
+        has_onnx: whether an ONNX graph is stored alongside.
+
+    Returns:
+        A JSON-able dict; calibration figures (temperature, thresholds and any metrics ``snodevit calibrate``
+        stored) are flattened to ``"calibration.<path>": value`` with at most 64 entries.
+    """
+    calibration = meta.get("calibration") or {}
+    figures = dict(_figures(calibration, "calibration."))
+    if len(figures) > _MAX_FIGURES:
+        logger.info("keeping the first %d of %d calibration figures in the store metadata", _MAX_FIGURES, len(figures))
+        figures = dict(list(figures.items())[:_MAX_FIGURES])
+    training = meta.get("training") or {}
+    best = {k: training[k] for k in ("best_epoch", "best_val_accuracy", "best_val_nll") if k in training}
+    return {
+        "weights_sha256": weights_sha256,
+        "version": weights_sha256[:12],
+        "class_names": list(meta.get("class_names", [])),
+        "num_classes": len(meta.get("class_names", [])),
+        "preprocessing": dict(meta.get("preprocessing", {})),
+        "data": str(meta.get("data", "")),
+        "calibrated": bool(calibration),
+        "backends": ["torch", "onnx"] if has_onnx else ["torch"],
+        **{f"training.{k}": v for k, v in best.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        **figures,
+    }
+
+
+def _check_onnx(onnx_path: Path, weights_sha256: str, meta: Mapping[str, Any]) -> None:
+    from export import read_onnx_metadata
+
+    onnx_meta = read_onnx_metadata(onnx_path)
+    if onnx_meta["weights_sha256"] != weights_sha256:
+        raise CheckpointError(f"{onnx_path} was exported from other weights (sha256 {onnx_meta['weights_sha256'][:12]}) "
+                              f"than the model directory ({weights_sha256[:12]}); re-run `snodevit export`")
+    want = meta.get("calibration")
+    have = onnx_meta["calibration"].to_dict() if onnx_meta["calibration"].is_fitted else None
+    if want and have is not None and {k: want.get(k) for k in have} != have:
+        raise CheckpointError(f"{onnx_path} carries a different calibration than meta.json (calibrated after "
+                              "exporting?); re-run `snodevit export` so both backends give the same answers")
+    if want and have is None:
+        raise CheckpointError(f"{onnx_path} was exported before `snodevit calibrate`; re-run `snodevit export`")
+
+
+def register_model(
+    model_dir: str | os.PathLike[str],
+    name: str = DEFAULT_NAME,
+    onnx_path: str | os.PathLike[str] | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> Tag:
+    """Copy a trained model directory (and optionally its ONNX graph) into the BentoML model store.
+
+    The weights are loaded once to check that they match config.json and that meta.json has what serving needs
+    (class names, preprocessing); an ONNX graph must come from the same weights and calibration.
+
+    Args:
+        model_dir: a directory written by ``snodevit train`` (``model.safetensors``, ``config.json``,
+            ``meta.json``).
+        name: the store name; each call adds a new version of it, which becomes ``<name>:latest``.
+        onnx_path: a ``.onnx`` file written by ``snodevit export`` from the same directory, stored as
+            ``model.onnx``.
+        labels: BentoML labels (string keys and values), e.g. ``{"stage": "demo"}``.
+
+    Returns:
+        The new entry's tag, e.g. ``snodevit-mnist:3xd2kcq6mwqzqn7k``.
+
+    Raises:
+        CheckpointError: the directory is not a complete, loadable model, or the ONNX graph does not match it.
+        FileNotFoundError: ``onnx_path`` does not exist.
+        ValueError: labels that are not strings.
+    """
+    import bentoml
+
+    model_dir = Path(model_dir)
+    model, meta = load_model(model_dir, map_location="cpu")
+    missing = [k for k in ("class_names", "preprocessing") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{model_dir / META_FILE} lacks {missing}; was it written by `snodevit train`?")
+    sha = weights_hash(model)
+    if meta.get("weights_sha256") not in (None, sha):
+        raise CheckpointError(f"{model_dir / META_FILE} names weights {str(meta['weights_sha256'])[:12]} but "
+                              f"{WEIGHTS_FILE} holds {sha[:12]}; the directory was changed after training")
+    onnx = Path(onnx_path) if onnx_path is not None else None
+    if onnx is not None:
+        if not onnx.is_file():
+            raise FileNotFoundError(f"ONNX graph {str(onnx)!r} does not exist (create it with `snodevit export`)")
+        _check_onnx(onnx, sha, meta)
+    label_dict = {"project": "snodevit", **dict(labels or {})}
+    bad = {k: v for k, v in label_dict.items() if not isinstance(k, str) or not isinstance(v, str)}
+    if bad:
+        raise ValueError(f"labels must map strings to strings, got {bad}")
+    metadata = headline_metadata(meta, sha, has_onnx=onnx is not None)
+    with bentoml.models.create(name, labels=label_dict, metadata=metadata) as entry:
+        target = Path(entry.path)
+        for file in (WEIGHTS_FILE, CONFIG_FILE, META_FILE):
+            shutil.copy2(model_dir / file, target / file)
+        if onnx is not None:
+            shutil.copy2(onnx, target / ONNX_FILE)
+    logger.info("registered %s from %s%s", entry.tag, model_dir, f" with {onnx}" if onnx else "")
+    return entry.tag
+
+
+def resolve(tag_or_path: str | os.PathLike[str]) -> Path:
+    """The directory of a model: an existing directory as given, else a store tag (``name`` or ``name:version``).
+
+    Raises:
+        LookupError: neither an existing directory nor a tag in the store; the message lists what the store has.
+    """
+    import bentoml
+    from bentoml.exceptions import BentoMLException, NotFound
+
+    path = Path(tag_or_path)
+    if path.is_dir():
+        return path
+    text = str(tag_or_path)
+    try:
+        return Path(bentoml.models.get(text).path)
+    except (NotFound, BentoMLException, ValueError) as err:
+        try:
+            known = sorted({str(m.tag) for m in bentoml.models.list()})
+        except BentoMLException:
+            known = []
+        hint = f"; the store has {known}" if known else "; the store is empty (run `python -m service.demo`)"
+        raise LookupError(f"{text!r} is neither a model directory nor a model in the BentoML store "
+                          f"({os.environ.get('BENTOML_HOME', '~/bentoml')}): {err}{hint}") from None
+
+
+def stored_metadata(tag: str) -> dict[str, Any]:
+    """The metadata of a stored model (see :func:`headline_metadata`), JSON round-tripped to plain types."""
+    import bentoml
+
+    return json.loads(json.dumps(bentoml.models.get(tag).info.metadata, default=str))
