@@ -1,0 +1,333 @@
+"""What the HTTP endpoints do, without BentoML: check parameters, decode, batch, predict, answer.
+
+The BentoML service (``service.service``) is a thin shell around :class:`Engine`; the engine can be built from
+any ``LoadedModel``, which keeps it testable without a server. Every number in an answer comes from
+``LoadedModel.predict`` (``snodevit.inference.predict``) and ``snodevit.records.prediction_records``, the same
+functions the batch-scoring CLI uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from snodevit.images import DEFAULT_ALLOWED_FORMATS, ImageError, decode_image, normalize, to_uint8_tensor
+from snodevit.inference import resolve_seeds
+from snodevit.loading import LoadedModel
+from snodevit.records import prediction_records
+
+from .batching import MicroBatcher
+from .errors import ServiceError, invalid_parameter
+from .heatmap import overlay_png
+from .metrics import ServiceMetrics
+from .schemas import (
+    CalibrationInfo,
+    Classification,
+    ExplainResponse,
+    Limits,
+    MetadataResponse,
+    ModelInfo,
+    Timing,
+)
+from .settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Params:
+    """Checked request parameters (``alpha`` resolved to a fitted key, or None without conformal calibration)."""
+
+    num_samples: int
+    seed: int | None
+    top_k: int
+    alpha: float | None
+    layer: int | None = None
+
+
+@dataclass(frozen=True)
+class Decoded:
+    pixels: torch.Tensor  # uint8 (C, S, S): what the model sees before normalisation (drawn under heatmaps)
+    tensor: torch.Tensor  # float32 (C, S, S): the model input
+    decode_ms: float
+
+
+@dataclass(frozen=True)
+class _Item:
+    image: torch.Tensor  # (C, S, S) model input
+    seed: int
+    num_samples: int
+    alpha: float | None
+    top_k: int
+    enqueued: float  # time.perf_counter() when queued
+
+
+@dataclass(frozen=True)
+class _Answer:
+    record: dict[str, Any]  # prediction_records entry
+    batch_size: int
+    queue_ms: float
+    inference_ms: float
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+class Engine:
+    """Serve one loaded model: parameter checks, safe decoding, batched Monte Carlo inference, answers.
+
+    Args:
+        loaded: the model (``snodevit.loading.open_model``).
+        settings: limits and defaults.
+        name: the model's store name, reported in answers.
+        tag: the model's store tag, reported in answers.
+        metrics: Prometheus metrics to update; None counts nothing.
+    """
+
+    def __init__(self, loaded: LoadedModel, settings: ServiceSettings, *, name: str, tag: str,
+                 metrics: ServiceMetrics | None = None) -> None:
+        self.loaded = loaded
+        self.settings = settings
+        self.metrics = metrics
+        self.info = ModelInfo(name=name, tag=tag, version=loaded.version, backend=loaded.backend_name,  # type: ignore[arg-type]
+                              device=str(loaded.device))
+        self.num_classes = len(loaded.class_names)
+        self.alphas = sorted(float(a) for a in loaded.calibration.conformal_thresholds)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snodevit-inference")
+        self.batcher: MicroBatcher[_Item, _Answer] = MicroBatcher(
+            self._run_batch, self._executor, max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.batch_wait_ms / 1000.0)
+
+    # ----------------------------------------------------------------------------------------- parameters
+    def check(self, *, num_samples: int, seed: int | None, top_k: int, alpha: float | None,
+              layer: int | None = None) -> Params:
+        """Check what the API signature cannot (bounds that depend on the model).
+
+        Raises:
+            ServiceError: 400 ``invalid_parameter`` naming the parameter.
+        """
+        if not 1 <= num_samples <= self.settings.max_num_samples:
+            raise invalid_parameter("num_samples", f"must be in [1, {self.settings.max_num_samples}], got {num_samples}")
+        if not 1 <= top_k <= self.num_classes:
+            raise invalid_parameter("top_k", f"must be in [1, {self.num_classes}] (the number of classes), got {top_k}")
+        if layer is not None and not 0 <= layer < self.loaded.cfg.depth:
+            raise invalid_parameter("layer", f"must be in [0, {self.loaded.cfg.depth - 1}] (the model has "
+                                    f"{self.loaded.cfg.depth} blocks) or absent for the rollout, got {layer}")
+        if seed is not None:
+            resolve_seeds(seed, 1)  # raises on out-of-range seeds, but pydantic checked the bounds already
+        return Params(num_samples, seed, top_k, self._resolve_alpha(alpha), layer)
+
+    def _resolve_alpha(self, alpha: float | None) -> float | None:
+        if not self.alphas:
+            if alpha is not None:
+                raise invalid_parameter("alpha", "this model has no conformal calibration, so there is no prediction "
+                                        "set to choose; omit alpha (run `snodevit calibrate` to fit one)")
+            return None
+        if alpha is None:
+            return self.alphas[0]
+        for fitted in self.alphas:
+            if abs(fitted - alpha) < 1e-9:
+                return fitted
+        raise invalid_parameter("alpha", f"{alpha} has no fitted conformal threshold; use one of {self.alphas}")
+
+    # ----------------------------------------------------------------------------------------- decoding
+    def read_upload(self, path: Path, where: str) -> bytes:
+        """Bytes of an uploaded file, refusing oversized files before reading them.
+
+        Raises:
+            ServiceError: 413 ``too_large``.
+        """
+        size = path.stat().st_size
+        if size > self.settings.max_bytes:
+            raise ServiceError(413, "too_large", f"{where}: the image is {size} bytes, more than the limit of "
+                               f"{self.settings.max_bytes}")
+        return path.read_bytes()
+
+    def decode(self, data: bytes, where: str | None = None) -> Decoded:
+        """Decode untrusted bytes into the model input (``snodevit.images``: byte and pixel caps, format list).
+
+        Raises:
+            ServiceError: 400 / 413 / 415 from the decoder, ``where`` in front of the detail.
+        """
+        t0 = time.perf_counter()
+        prep = self.loaded.preprocessing
+        try:
+            image = decode_image(data, max_bytes=self.settings.max_bytes, max_pixels=self.settings.max_pixels)
+            pixels = to_uint8_tensor(image, prep)
+        except ImageError as err:
+            raise ServiceError.from_image_error(err, where) from None
+        except (MemoryError, RecursionError, ValueError, OSError, TypeError, IndexError, KeyError) as err:
+            # Malformed input that slipped past the decoder's own mapping: still the client's file, not a 500.
+            logger.warning("decoder failed on %s: %r", where or "an upload", err, exc_info=True)
+            raise ServiceError(400, "corrupt_image", f"{where + ': ' if where else ''}the image could not be decoded "
+                               f"({type(err).__name__})") from None
+        return Decoded(pixels, normalize(pixels, prep), _ms(time.perf_counter() - t0))
+
+    # ----------------------------------------------------------------------------------------- inference
+    def _run_batch(self, items: list[_Item], count: bool = True) -> list[_Answer]:
+        """One forward pass per (num_samples, alpha) group, at most ``max_batch_rows`` images * samples each."""
+        groups: dict[tuple[int, float | None], list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            groups[(item.num_samples, item.alpha)].append(i)
+        answers: list[_Answer | None] = [None] * len(items)
+        for (num_samples, alpha), indices in groups.items():
+            per_pass = max(1, self.settings.max_batch_rows // num_samples)
+            for start in range(0, len(indices), per_pass):
+                chunk = indices[start:start + per_pass]
+                t0 = time.perf_counter()
+                pred = self.loaded.predict(torch.stack([items[i].image for i in chunk]), num_samples=num_samples,
+                                           seed=[items[i].seed for i in chunk], alpha=alpha)
+                inference_ms = _ms(time.perf_counter() - t0)
+                by_k: dict[int, list[dict[str, Any]]] = {}
+                for j, i in enumerate(chunk):
+                    k = items[i].top_k
+                    if k not in by_k:
+                        by_k[k] = prediction_records(pred, self.loaded.class_names, k)
+                    answers[i] = _Answer(by_k[k][j], len(chunk), _ms(t0 - items[i].enqueued), inference_ms)
+                if count:
+                    self._count(pred.accept.tolist(), num_samples)
+        return [a for a in answers if a is not None]
+
+    def _count(self, accepted: list[bool], num_samples: int) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.samples.inc(len(accepted) * num_samples)
+        self.metrics.batch_size.observe(len(accepted))
+        n_accept = sum(accepted)
+        if n_accept:
+            self.metrics.decisions.labels(decision="accept").inc(n_accept)
+        if len(accepted) - n_accept:
+            self.metrics.decisions.labels(decision="review").inc(len(accepted) - n_accept)
+
+    async def _with_timeout(self, awaitable: Any) -> Any:
+        try:
+            return await asyncio.wait_for(awaitable, self.settings.timeout_s)
+        except TimeoutError:
+            raise ServiceError(504, "timeout", f"no answer within {self.settings.timeout_s:g} s; the service is "
+                               "busy, retry later or ask for fewer samples") from None
+
+    async def classify(self, images: list[bytes], params: Params, *, endpoint: str,
+                       where: list[str] | None = None) -> tuple[list[tuple[dict[str, Any], Timing]], float]:
+        """Classify encoded images; they join concurrent requests' forward passes.
+
+        Args:
+            images: encoded image files.
+            params: checked parameters; ``params.seed`` None draws one seed per image.
+            endpoint: counted in the ``snodevit_images`` metric.
+            where: names of the images in error details (e.g. ``images[3]``); None for a single image.
+
+        Returns:
+            ([(prediction_records entry, timing) per image], total milliseconds).
+
+        Raises:
+            ServiceError: a refused image (the first one, named), or 504 when the answer takes too long.
+        """
+        t0 = time.perf_counter()
+        names = where if where is not None else [None] * len(images)  # type: ignore[list-item]
+        decoded = await asyncio.gather(*(asyncio.to_thread(self.decode, data, name)
+                                         for data, name in zip(images, names)), return_exceptions=True)
+        for d in decoded:
+            if isinstance(d, BaseException):
+                raise d
+        seeds = resolve_seeds(params.seed, len(images))
+        now = time.perf_counter()
+        items = [_Item(d.tensor, s, params.num_samples, params.alpha, params.top_k, now)  # type: ignore[union-attr]
+                 for d, s in zip(decoded, seeds)]
+        answers: list[_Answer] = await self._with_timeout(self.batcher.submit(items))
+        total_ms = _ms(time.perf_counter() - t0)
+        if self.metrics is not None:
+            self.metrics.images.labels(endpoint=endpoint).inc(len(images))
+        return [(a.record, Timing(decode_ms=d.decode_ms, queue_ms=a.queue_ms, inference_ms=a.inference_ms,  # type: ignore[union-attr]
+                                  total_ms=total_ms, batch_size=a.batch_size))
+                for a, d in zip(answers, decoded)], total_ms
+
+    def _explain_sync(self, image: torch.Tensor, params: Params, seed: int) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        pred = self.loaded.predict(image[None], num_samples=params.num_samples, seed=[seed], alpha=params.alpha,
+                                   attention=True)
+        self._count(pred.accept.tolist(), params.num_samples)
+        return pred, _ms(time.perf_counter() - t0)
+
+    async def explain(self, data: bytes, params: Params, *, endpoint: str) -> tuple[ExplainResponse, Decoded]:
+        """Prediction plus attention maps (per block) and rollout of one image.
+
+        Raises:
+            ServiceError: a refused image; 501 ``not_available`` for an ONNX graph exported without attention
+                maps; 504 on timeout.
+        """
+        if not getattr(self.loaded.backend, "has_attention", True):
+            raise ServiceError(501, "not_available", "this ONNX graph was exported without attention maps; "
+                               "re-export with `snodevit export --attention-maps` or serve the torch backend")
+        t0 = time.perf_counter()
+        decoded = await asyncio.to_thread(self.decode, data, None)
+        seed = resolve_seeds(params.seed, 1)[0]
+        queued = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        pred, inference_ms = await self._with_timeout(
+            loop.run_in_executor(self._executor, self._explain_sync, decoded.tensor, params, seed))
+        queue_ms = max(0.0, _ms(time.perf_counter() - queued) - inference_ms)
+        record = prediction_records(pred, self.loaded.class_names, params.top_k)[0]
+        if self.metrics is not None:
+            self.metrics.images.labels(endpoint=endpoint).inc()
+        g = self.loaded.cfg.grid_size
+        answer = ExplainResponse(
+            prediction=Classification(**record), grid_size=g, depth=int(pred.attention.shape[1]),
+            pool=self.loaded.cfg.pool, layers=pred.attention[0].tolist(), rollout=pred.rollout[0].tolist(),
+            model=self.info, timing=Timing(decode_ms=decoded.decode_ms, queue_ms=queue_ms, inference_ms=inference_ms,
+                                           total_ms=_ms(time.perf_counter() - t0), batch_size=1))
+        return answer, decoded
+
+    async def explain_png(self, data: bytes, params: Params, *, endpoint: str) -> tuple[bytes, ExplainResponse]:
+        """The attention heatmap (rollout, or block ``params.layer``) over the image, as PNG bytes."""
+        answer, decoded = await self.explain(data, params, endpoint=endpoint)
+        heat = torch.tensor(answer.rollout if params.layer is None else answer.layers[params.layer])
+        png = await asyncio.to_thread(overlay_png, decoded.pixels, heat)
+        return png, answer
+
+    # ----------------------------------------------------------------------------------------- the rest
+    def metadata(self, uploads: dict[str, str]) -> MetadataResponse:
+        cal = self.loaded.calibration
+        s = self.settings
+        return MetadataResponse(
+            model=self.info, classes=list(self.loaded.class_names), preprocessing=self.loaded.preprocessing.to_dict(),
+            config=self.loaded.cfg.to_dict(),
+            calibration=CalibrationInfo(
+                fitted=cal.is_fitted, temperature=cal.temperature, conformal_score=cal.conformal_score,
+                alphas=self.alphas, conformal_thresholds=dict(cal.conformal_thresholds),
+                decision_score=cal.decision_score, decision_threshold=cal.decision_threshold,
+                target_risk=cal.target_risk, figures=dict(self.loaded.meta.get("calibration") or {})),
+            limits=Limits(max_bytes=s.max_bytes, max_pixels=s.max_pixels, max_request_bytes=s.max_request_bytes,
+                          max_single_request_bytes=s.max_single_request_bytes, max_images=s.max_images,
+                          num_samples_min=1, num_samples_max=s.max_num_samples, num_samples_default=s.num_samples,
+                          top_k_default=min(s.top_k, self.num_classes), top_k_max=self.num_classes,
+                          allowed_formats=list(DEFAULT_ALLOWED_FORMATS), max_concurrency=s.max_concurrency,
+                          timeout_s=s.timeout_s),
+            uploads=uploads)
+
+    def warm_up(self) -> float:
+        """One forward pass of each kind on a blank image, so the first request does not pay for lazy setup.
+
+        Returns:
+            Seconds taken.
+        """
+        t0 = time.perf_counter()
+        prep = self.loaded.preprocessing
+        blank = torch.zeros(prep.channels, prep.image_size, prep.image_size)
+        item = _Item(blank, 0, self.settings.num_samples, self.alphas[0] if self.alphas else None, 1, t0)
+        self._executor.submit(self._run_batch, [item], False).result()
+        if getattr(self.loaded.backend, "has_attention", True):
+            self._executor.submit(self.loaded.predict, blank[None], num_samples=1, seed=[0], attention=True).result()
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.batcher.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,39 @@
+"""Prometheus metrics of the service, shown by BentoML's ``/metrics`` next to its own.
+
+``prometheus_client`` is imported on first use, inside the serving worker: BentoML sets
+``PROMETHEUS_MULTIPROC_DIR`` after importing the service module, and a client imported earlier would count
+in single-process mode, invisible to ``/metrics``. The metrics are created once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ServiceMetrics:
+    images: Any  # Counter{endpoint}: images answered
+    samples: Any  # Counter: Monte Carlo samples run (images * num_samples)
+    decisions: Any  # Counter{decision}: accept / review answers
+    batch_size: Any  # Histogram: images per forward pass
+    errors: Any  # Counter{error, status}: refused requests by error code
+
+    def record_error(self, error: str, status: int) -> None:
+        self.errors.labels(error=error, status=str(status)).inc()
+
+
+@functools.cache
+def service_metrics() -> ServiceMetrics:
+    """The process's metrics (created on first call)."""
+    import prometheus_client as prom
+
+    return ServiceMetrics(
+        images=prom.Counter("snodevit_images", "Images answered", ["endpoint"]),
+        samples=prom.Counter("snodevit_mc_samples", "Monte Carlo samples run (images x num_samples)"),
+        decisions=prom.Counter("snodevit_decisions", "Answers by accept/review decision", ["decision"]),
+        batch_size=prom.Histogram("snodevit_batch_size", "Images per forward pass",
+                                  buckets=(1, 2, 4, 8, 16, 32, 64, 128)),
+        errors=prom.Counter("snodevit_errors", "Refused requests by error code", ["error", "status"]),
+    )

@@ -1,0 +1,166 @@
+"""Request parameters and JSON answers of the HTTP service, as pydantic models (they make the OpenAPI schema).
+
+The answer of one image mirrors ``snodevit.records.prediction_records`` key for key, so the service and the
+batch-scoring CLI report the same numbers; the service adds ``model`` and ``timing``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from snodevit.inference import MAX_SEED
+
+from .settings import ServiceSettings
+
+
+def parameter_types(settings: ServiceSettings) -> dict[str, Any]:
+    """The annotated types of the request parameters under ``settings`` (bounds appear in the OpenAPI schema).
+
+    The API signatures in ``service.service`` and :func:`params_model` both use these, so a multipart form
+    field and a query parameter of a raw upload are validated by the same rules.
+    """
+    return {
+        "num_samples": Annotated[int, Field(ge=1, le=settings.max_num_samples,
+                                            description="Monte Carlo samples of the SDE per image")],
+        "seed": Annotated[int | None, Field(ge=0, le=MAX_SEED, description="noise seed; drawn and returned when "
+                                            "absent. The same image, seed and num_samples give the same answer")],
+        "top_k": Annotated[int, Field(ge=1, description="classes listed in top_k (at most the number of classes)")],
+        "alpha": Annotated[float | None, Field(gt=0, lt=1, description="miscoverage of the conformal prediction "
+                                               "set; one of the calibrated alphas (see /metadata); default: the "
+                                               "smallest")],
+        "layer": Annotated[int | None, Field(ge=0, description="block whose attention map is drawn; default: the "
+                                             "attention rollout over all blocks")],
+    }
+
+
+def params_model(settings: ServiceSettings, names: tuple[str, ...]) -> type[BaseModel]:
+    """A model of the named parameters with the service defaults, used to validate raw-upload query strings."""
+    from pydantic import create_model
+
+    types = parameter_types(settings)
+    defaults: dict[str, Any] = {"num_samples": settings.num_samples, "seed": None, "top_k": settings.top_k,
+                                "alpha": None, "layer": None}
+    fields: dict[str, Any] = {n: (types[n], defaults[n]) for n in names}
+    return create_model("QueryParameters", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+class TopKEntry(BaseModel):
+    label: str
+    class_index: int
+    probability: float = Field(description="calibrated mean probability over the Monte Carlo samples")
+
+
+class Uncertainty(BaseModel):
+    total: float = Field(description="predictive entropy H[p], nats")
+    aleatoric: float = Field(description="expected entropy of the samples E_s H[p_s], nats")
+    epistemic: float = Field(description="mutual information total - aleatoric, nats")
+    std: float = Field(description="standard deviation over samples of the predicted class's probability")
+
+
+class ModelInfo(BaseModel):
+    name: str = Field(description="model store name")
+    tag: str = Field(description="model store tag (name:version)")
+    version: str = Field(description="first 12 hex digits of the weights' SHA-256")
+    backend: Literal["torch", "onnx"]
+    device: str
+
+
+class Timing(BaseModel):
+    decode_ms: float = Field(description="reading, decoding and preprocessing the image")
+    queue_ms: float = Field(description="waiting for the forward pass that took this image")
+    inference_ms: float = Field(description="the forward pass (shared by batch_size images)")
+    total_ms: float = Field(description="the whole request inside the service")
+    batch_size: int = Field(description="images in the forward pass that answered this image")
+
+
+class Classification(BaseModel):
+    """One image's answer: the keys of ``snodevit.records.prediction_records``."""
+
+    label: str
+    class_index: int
+    confidence: float = Field(description="calibrated mean probability of the label")
+    top_k: list[TopKEntry]
+    uncertainty: Uncertainty
+    prediction_set: list[str] | None = Field(description="conformal prediction set at alpha; null when the model "
+                                             "has no conformal calibration")
+    alpha: float | None
+    decision: Literal["accept", "review"]
+    reason: str
+    seed: int
+    num_samples: int
+
+
+class ClassifyResponse(Classification):
+    model: ModelInfo
+    timing: Timing
+
+
+class BatchItem(Classification):
+    index: int = Field(description="position of the image in the request")
+    timing: Timing
+
+
+class ClassifyBatchResponse(BaseModel):
+    results: list[BatchItem]
+    model: ModelInfo
+    total_ms: float
+
+
+class ExplainResponse(BaseModel):
+    prediction: Classification
+    grid_size: int = Field(description="patches per side g")
+    depth: int = Field(description="number of blocks")
+    pool: Literal["cls", "mean"] = Field(description="whose attention the maps show: the class token ('cls') or "
+                                         "the mean over patch tokens ('mean')")
+    layers: list[list[list[float]]] = Field(description="(depth, g, g) attention over patches per block, mean over "
+                                            "heads and samples; each map sums to 1")
+    rollout: list[list[float]] = Field(description="(g, g) attention rollout (Abnar & Zuidema 2020); sums to 1")
+    model: ModelInfo
+    timing: Timing
+
+
+class CalibrationInfo(BaseModel):
+    fitted: bool
+    temperature: float
+    conformal_score: str
+    alphas: list[float] = Field(description="alphas with a fitted conformal threshold; the valid values of alpha")
+    conformal_thresholds: dict[str, float]
+    decision_score: str
+    decision_threshold: float | None
+    target_risk: float | None
+    figures: dict[str, Any] = Field(description="everything `snodevit calibrate` stored (metrics before/after)")
+
+
+class Limits(BaseModel):
+    max_bytes: int = Field(description="largest image file, bytes")
+    max_pixels: int = Field(description="largest image, width * height")
+    max_request_bytes: int = Field(description="largest /classify_batch body, bytes")
+    max_single_request_bytes: int = Field(description="largest body of the single-image routes, bytes")
+    max_images: int = Field(description="most images in one /classify_batch request")
+    num_samples_min: int
+    num_samples_max: int
+    num_samples_default: int
+    top_k_default: int
+    top_k_max: int
+    allowed_formats: list[str]
+    max_concurrency: int
+    timeout_s: float
+
+
+class MetadataResponse(BaseModel):
+    model: ModelInfo
+    classes: list[str]
+    preprocessing: dict[str, Any]
+    config: dict[str, Any]
+    calibration: CalibrationInfo
+    limits: Limits
+    uploads: dict[str, str] = Field(description="how each endpoint takes its image")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx/5xx answer."""
+
+    error: str = Field(description="short machine-readable code, e.g. 'invalid_parameter', 'too_many_pixels'")
+    detail: str = Field(description="a sentence naming the problem (and the parameter, when it is one)")

@@ -1,0 +1,260 @@
+"""The BentoML service: uncertainty-aware digit classification over HTTP.
+
+Endpoints (all answers JSON unless noted; every error is ``{"error": <code>, "detail": <sentence>}``):
+
+==========================  =============================================================================
+``POST /classify``          one image: multipart field ``image`` (+ form fields ``num_samples``, ``seed``,
+                            ``top_k``, ``alpha``), or the raw image body with ``Content-Type: image/*`` and
+                            the parameters in the query string (``/classify?seed=3``)
+``POST /classify_batch``    several images: multipart field ``images`` repeated (at most ``max_images``)
+``POST /explain``           prediction + attention maps per block + rollout (same uploads as /classify)
+``POST /explain_image``     PNG heatmap of the rollout (or block ``layer``) blended over the input
+``GET /metadata``           classes, preprocessing, model config, calibration figures, limits
+``GET /livez /readyz``      BentoML health probes (ready after the warm-up pass)
+``GET /metrics``            Prometheus: BentoML's request metrics plus ``snodevit_*`` counters
+==========================  =============================================================================
+
+Images from concurrent requests share forward passes (``service.batching``); ``timing.batch_size`` of an
+answer says how many images its pass held. Settings come from ``SNODEVIT_*`` variables
+(``service.settings``), the model from the BentoML model store (``SNODEVIT_MODEL``, default
+``snodevit-mnist:latest``; ``python -m service.demo`` puts one there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import typing as t
+from pathlib import Path
+
+import bentoml
+import torch
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.datastructures import QueryParams
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from snodevit.loading import open_model
+
+from .engine import Engine, Params
+from .errors import ErrorShapeMiddleware, ServiceError, describe_validation_errors
+from .guard import RAW_PREFIX, RequestGuard, RouteRule
+from .metrics import service_metrics
+from .schemas import (
+    BatchItem,
+    ClassifyBatchResponse,
+    ClassifyResponse,
+    ExplainResponse,
+    parameter_types,
+    params_model,
+)
+from .settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+
+SETTINGS = ServiceSettings.from_env()
+_TYPES = parameter_types(SETTINGS)
+NumSamples = _TYPES["num_samples"]
+Seed = _TYPES["seed"]
+TopK = _TYPES["top_k"]
+Alpha = _TYPES["alpha"]
+Layer = _TYPES["layer"]
+PngImage = t.Annotated[Path, bentoml.validators.ContentType("image/png")]
+
+# BentoML's own traffic timeout answers outside our middleware, in another body shape: it is only a backstop
+# behind the engine's timeout. The concurrency limit lives in RequestGuard (429 in the common error shape) for
+# the same reason, instead of traffic["max_concurrency"].
+_TRAFFIC = {"timeout": SETTINGS.timeout_s + 30}
+_RESOURCES = {"gpu": 1} if torch.cuda.is_available() else {}
+
+UPLOADS = {
+    "/classify": "multipart/form-data with file field 'image' and form fields num_samples, seed, top_k, alpha; or "
+                 "the raw image body with Content-Type image/* (or application/octet-stream) and the parameters "
+                 "in the query string",
+    "/classify_batch": "multipart/form-data with file field 'images' repeated, and form fields num_samples, seed, "
+                       "top_k, alpha",
+    "/explain": "as /classify",
+    "/explain_image": "as /classify, plus layer (a block index; default: the rollout)",
+}
+
+
+async def _answered(work: t.Awaitable[t.Any]) -> t.Any:
+    """The API's answer, or the JSON error response of a refused request."""
+    try:
+        return await work
+    except ServiceError as err:
+        return err.response()
+
+
+def _png_response(png: bytes, answer: ExplainResponse) -> Response:
+    p = answer.prediction
+    return Response(png, media_type="image/png", headers={
+        "X-SNodeViT-Label": p.label, "X-SNodeViT-Confidence": f"{p.confidence:.6f}",
+        "X-SNodeViT-Decision": p.decision, "X-SNodeViT-Seed": str(p.seed), "X-SNodeViT-Model": answer.model.tag})
+
+
+@bentoml.service(name="snodevit", resources=_RESOURCES, traffic=_TRAFFIC, labels={"project": "snodevit"})
+class SNodeViTService:
+    """Stochastic SDE Vision Transformer with calibrated, decomposed uncertainty."""
+
+    model_ref = bentoml.models.BentoModel(SETTINGS.model)
+
+    def __init__(self) -> None:
+        self._ready = False
+        t0 = time.perf_counter()
+        stored = self.model_ref
+        loaded = open_model(stored.path, backend=SETTINGS.backend, device=SETTINGS.device)
+        self.engine = Engine(loaded, SETTINGS, name=stored.tag.name, tag=str(stored.tag), metrics=service_metrics())
+        warm = self.engine.warm_up()
+        self._ready = True
+        logger.info("serving %s (%s, weights %s) on %s; loaded and warmed up in %.2f s (warm-up %.2f s)", stored.tag,
+                    loaded.backend_name, loaded.version, loaded.device, time.perf_counter() - t0, warm)
+
+    def __is_ready__(self) -> bool:
+        return self._ready
+
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        self.engine.close()
+
+    # ------------------------------------------------------------------------------------------ APIs
+    @bentoml.api
+    async def classify(self, image: Path, num_samples: NumSamples = SETTINGS.num_samples, seed: Seed = None,
+                       top_k: TopK = SETTINGS.top_k, alpha: Alpha = None) -> ClassifyResponse:
+        """Classify one image: label, calibrated confidence, uncertainty, prediction set and accept/review."""
+        return await _answered(self._classify(lambda: self.engine.read_upload(image, "image"),
+                                              num_samples=num_samples, seed=seed, top_k=top_k, alpha=alpha))
+
+    @bentoml.api
+    async def classify_batch(self, images: list[Path], num_samples: NumSamples = SETTINGS.num_samples,
+                             seed: Seed = None, top_k: TopK = SETTINGS.top_k,
+                             alpha: Alpha = None) -> ClassifyBatchResponse:
+        """Classify several images (multipart field ``images`` repeated); answers in upload order."""
+        return await _answered(self._classify_batch(images, num_samples=num_samples, seed=seed, top_k=top_k,
+                                                    alpha=alpha))
+
+    @bentoml.api
+    async def explain(self, image: Path, num_samples: NumSamples = SETTINGS.num_samples, seed: Seed = None,
+                      top_k: TopK = SETTINGS.top_k, alpha: Alpha = None) -> ExplainResponse:
+        """The prediction plus attention maps of every block and the attention rollout, as (g, g) grids."""
+        return await _answered(self._explain(lambda: self.engine.read_upload(image, "image"), num_samples=num_samples,
+                                             seed=seed, top_k=top_k, alpha=alpha))
+
+    @bentoml.api
+    async def explain_image(self, image: Path, num_samples: NumSamples = SETTINGS.num_samples, seed: Seed = None,
+                            top_k: TopK = SETTINGS.top_k, alpha: Alpha = None, layer: Layer = None) -> PngImage:
+        """PNG: the attention rollout (or block ``layer``) as a heatmap over the image the model saw.
+
+        The prediction travels in the ``X-SNodeViT-Label``, ``-Confidence``, ``-Decision`` and ``-Seed`` headers.
+        """
+        return await _answered(self._explain_png(lambda: self.engine.read_upload(image, "image"),
+                                                 num_samples=num_samples, seed=seed, top_k=top_k, alpha=alpha,
+                                                 layer=layer))
+
+    # ------------------------------------------------------------------------------------------ the work
+    async def _read(self, read: t.Callable[[], bytes]) -> bytes:
+        return await asyncio.to_thread(read)
+
+    async def _classify(self, read: t.Callable[[], bytes], **params: t.Any) -> ClassifyResponse:
+        checked = self.engine.check(**params)
+        data = await self._read(read)
+        [(record, timing)], _ = await self.engine.classify([data], checked, endpoint="classify")
+        return ClassifyResponse(**record, model=self.engine.info, timing=timing)
+
+    async def _classify_batch(self, images: list[Path], **params: t.Any) -> ClassifyBatchResponse:
+        checked = self.engine.check(**params)
+        if not images:
+            raise ServiceError(400, "invalid_parameter", "images: no file given")
+        if len(images) > SETTINGS.max_images:
+            raise ServiceError(413, "too_many_images", f"images: {len(images)} files given, the most one request may "
+                               f"carry is {SETTINGS.max_images}")
+        where = [f"images[{i}]" for i in range(len(images))]
+        data = await asyncio.gather(*(asyncio.to_thread(self.engine.read_upload, p, w) for p, w in zip(images, where)))
+        answers, total_ms = await self.engine.classify(list(data), checked, endpoint="classify_batch", where=where)
+        return ClassifyBatchResponse(results=[BatchItem(**record, index=i, timing=timing)
+                                              for i, (record, timing) in enumerate(answers)],
+                                     model=self.engine.info, total_ms=total_ms)
+
+    async def _explain(self, read: t.Callable[[], bytes], **params: t.Any) -> ExplainResponse:
+        checked = self.engine.check(**params)
+        answer, _ = await self.engine.explain(await self._read(read), checked, endpoint="explain")
+        return answer
+
+    async def _explain_png(self, read: t.Callable[[], bytes], **params: t.Any) -> Response:
+        checked = self.engine.check(**params)
+        png, answer = await self.engine.explain_png(await self._read(read), checked, endpoint="explain_image")
+        return _png_response(png, answer)
+
+    # ------------------------------------------------------------------------------------------ raw bodies
+    async def answer_raw(self, route: str, body: bytes, query: QueryParams) -> Response:
+        """Answer a raw image body (``Content-Type: image/*``) sent to ``route``, parameters from the query string."""
+        try:
+            params = _query_params(route, query)
+            if route == "classify":
+                out: BaseModel = await self._classify(lambda: body, **params)
+            elif route == "explain":
+                out = await self._explain(lambda: body, **params)
+            else:
+                return await self._explain_png(lambda: body, **params)
+        except ServiceError as err:
+            return err.response()
+        return JSONResponse(out.model_dump(mode="json"))
+
+    def metadata(self) -> JSONResponse:
+        return JSONResponse(self.engine.metadata(UPLOADS).model_dump(mode="json"))
+
+
+def _input_fields(api: str) -> frozenset[str]:
+    """The parameters (non-file fields) of an API, read from BentoML's input model of its signature."""
+    return frozenset(k for k in SNodeViTService.apis[api].input_spec.model_fields if k not in ("image", "images"))
+
+
+_RAW_MODELS: dict[str, type[BaseModel]] = {
+    name: params_model(SETTINGS, tuple(sorted(_input_fields(name)))) for name in ("classify", "explain", "explain_image")
+}
+
+
+def _query_params(route: str, query: QueryParams) -> dict[str, t.Any]:
+    repeated = sorted({k for k, _ in query.multi_items() if len(query.getlist(k)) > 1})
+    if repeated:
+        raise ServiceError(400, "invalid_parameter", f"{repeated[0]}: given more than once")
+    try:
+        return _RAW_MODELS[route].model_validate(dict(query)).model_dump()
+    except ValidationError as err:
+        raise ServiceError(400, "invalid_parameter", describe_validation_errors(err.errors())) from None
+
+
+async def _raw_endpoint(request: Request) -> Response:
+    service = bentoml.get_current_service()
+    route = request.url.path.rsplit("/", 1)[-1]
+    return await service.answer_raw(route, await request.body(), request.query_params)
+
+
+async def _metadata_endpoint(request: Request) -> Response:
+    return bentoml.get_current_service().metadata()
+
+
+ROUTE_RULES = {
+    "/classify": RouteRule(SETTINGS.max_single_request_bytes, "image", 1, _input_fields("classify"),
+                           f"{RAW_PREFIX}/classify"),
+    "/classify_batch": RouteRule(SETTINGS.max_request_bytes, "images", SETTINGS.max_images,
+                                 _input_fields("classify_batch")),
+    "/explain": RouteRule(SETTINGS.max_single_request_bytes, "image", 1, _input_fields("explain"),
+                          f"{RAW_PREFIX}/explain"),
+    "/explain_image": RouteRule(SETTINGS.max_single_request_bytes, "image", 1, _input_fields("explain_image"),
+                                f"{RAW_PREFIX}/explain_image"),
+}
+
+_extra_routes = Starlette(routes=[
+    Route("/metadata", _metadata_endpoint, methods=["GET"]),
+    *(Route(rule.raw_path, _raw_endpoint, methods=["POST"]) for rule in ROUTE_RULES.values() if rule.raw_path),
+])
+SNodeViTService.mount_asgi_app(_extra_routes, path="/", name="snodevit-extra")
+# Added first = outermost: the error shaping sees the guard's refusals and everything behind it.
+SNodeViTService.add_asgi_middleware(ErrorShapeMiddleware,
+                                    on_error=lambda code, status: service_metrics().record_error(code, status))
+SNodeViTService.add_asgi_middleware(RequestGuard, rules=ROUTE_RULES, max_concurrency=SETTINGS.max_concurrency,
+                                    guarded_paths=("/metadata",))

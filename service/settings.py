@@ -1,0 +1,72 @@
+"""Service settings, read once from ``SNODEVIT_*`` environment variables when the service module is imported."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from snodevit.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+BackendName = Literal["torch", "onnx"]
+BACKENDS: tuple[str, ...] = get_args(BackendName)
+ENV_PREFIX = "SNODEVIT_"
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Limits and defaults of the HTTP service. Each field ``x`` is read from ``SNODEVIT_<X>``."""
+
+    model: str = "snodevit-mnist:latest"  # BentoML model store tag of the model to serve
+    backend: BackendName = "torch"  # "torch" (PyTorch) or "onnx" (ONNX Runtime on the stored model.onnx)
+    device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda[:i]"
+    num_samples: int = 32  # Monte Carlo samples per image when a request does not say
+    max_num_samples: int = 256  # the most samples one request may ask for
+    top_k: int = 3  # classes listed in ``top_k`` when a request does not say
+    max_bytes: int = DEFAULT_MAX_BYTES  # largest accepted image file, bytes
+    max_pixels: int = DEFAULT_MAX_PIXELS  # largest accepted image, width * height (checked on the header)
+    max_images: int = 64  # the most images in one /classify_batch request
+    max_request_bytes: int = 32 * 2**20  # largest request body of /classify_batch (single-image routes: max_bytes + 64 KiB)
+    max_batch_size: int = 32  # the most images in one forward pass
+    max_batch_rows: int = 4096  # the most images * samples in one forward pass (bounds activation memory)
+    batch_wait_ms: float = 5.0  # how long an image arriving at an idle server waits for others to share its pass
+    max_concurrency: int = 64  # requests in progress before new ones are refused with 429
+    timeout_s: float = 60.0  # a request still waiting for its answer after this long gets 504
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", "float") and not value > 0:
+                raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be > 0, got {value!r}")
+        if self.num_samples > self.max_num_samples:
+            raise ValueError(f"{ENV_PREFIX}NUM_SAMPLES ({self.num_samples}) must be <= {ENV_PREFIX}MAX_NUM_SAMPLES "
+                             f"({self.max_num_samples})")
+
+    @property
+    def max_single_request_bytes(self) -> int:
+        """Body cap of single-image routes: the image plus room for the multipart envelope and parameters."""
+        return self.max_bytes + 64 * 2**10
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
+        """Read ``SNODEVIT_<FIELD>`` variables; unset ones keep their defaults.
+
+        Raises:
+            ValueError: a value that does not parse or is out of range, naming the variable.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            key = ENV_PREFIX + f.name.upper()
+            if key not in environ:
+                continue
+            raw = environ[key].strip()
+            try:
+                values[f.name] = int(raw) if f.type == "int" else float(raw) if f.type == "float" else raw
+            except ValueError:
+                raise ValueError(f"{key} must be a{'n integer' if f.type == 'int' else ' number'}, got {raw!r}") from None
+        return cls(**values)  # type: ignore[arg-type]

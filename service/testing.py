@@ -1,0 +1,99 @@
+"""Test support: a tiny random SNodeViT in a throwaway BentoML home, served by the real service class.
+
+``service.service`` reads its settings and model tag when it is imported, so :func:`prepare_service` sets the
+``SNODEVIT_*`` variables and ``BENTOML_HOME`` first, then imports (or re-imports) it. The three test tiers use it
+alike: unit tests instantiate ``SNodeViTService()``, HTTP tests wrap ``SNodeViTService.to_asgi()``, integration
+tests start ``bentoml serve`` with :attr:`PreparedService.env`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+CALIBRATION: dict[str, Any] = {"temperature": 1.3, "conformal_score": "aps",
+                               "conformal_thresholds": {"0.05": 0.9, "0.1": 0.8}, "decision_score": "confidence",
+                               "decision_threshold": 0.5, "target_risk": 0.02,
+                               "metrics": {"ece_before": 0.08, "ece_after": 0.02}}
+TEST_ENV = {"SNODEVIT_NUM_SAMPLES": "8", "SNODEVIT_MAX_IMAGES": "16", "SNODEVIT_BATCH_WAIT_MS": "20",
+            "SNODEVIT_TIMEOUT_S": "60"}
+
+
+def make_tiny_model(directory: str | os.PathLike[str], *, seed: int = 0, calibrated: bool = True) -> Path:
+    """Save a 2-block, 24-wide MNIST-shaped SNodeViT with random weights (about 20k parameters).
+
+    The weights are perturbed away from the initialisation (whose zero head answers 0.1 for every class) and
+    the diffusion is strong, so answers differ between images and between seeds.
+    """
+    import torch
+
+    import snodevit
+    from snodevit.data import load_dataset
+
+    model = snodevit.create_model("tiny", **snodevit.MNIST_OVERRIDES, dim=24, depth=2, num_heads=2, rank=4,
+                                  time_hidden_dim=16, noise_dim=4, diffusion_scale=1.0)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    meta: dict[str, Any] = {"class_names": [str(i) for i in range(10)], "data": "mnist5k",
+                            "preprocessing": load_dataset("mnist5k").preprocessing.to_dict()}
+    if calibrated:
+        meta["calibration"] = CALIBRATION
+    return snodevit.save_model(model, directory, meta=meta)
+
+
+@dataclass
+class PreparedService:
+    home: Path  # the temporary BENTOML_HOME
+    model_dir: Path  # the tiny model's directory
+    tag: str  # its store tag
+    env: dict[str, str] = field(default_factory=dict)  # variables the service was configured with
+    module: ModuleType | None = None  # the imported service.service
+
+    @property
+    def service_class(self) -> Any:
+        assert self.module is not None
+        return self.module.SNodeViTService
+
+
+_PREPARED: PreparedService | None = None
+
+
+def prepare_service(extra_env: dict[str, str] | None = None) -> PreparedService:
+    """Once per process: tiny model -> temporary store -> env -> ``import service.service``.
+
+    Later calls return the same service (``extra_env`` only counts on the first call). The temporary home is
+    removed at exit.
+    """
+    global _PREPARED
+    if _PREPARED is not None:
+        return _PREPARED
+    from snodevit.store import register_model, use_home
+
+    root = Path(tempfile.mkdtemp(prefix="snodevit-service-test-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # BentoML's /metrics reads the multiprocess files even in-process; `bentoml serve` sets this itself.
+        (root / "prometheus").mkdir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(root / "prometheus")
+    home = use_home(root / "bentoml")
+    model_dir = make_tiny_model(root / "tiny")
+    tag = str(register_model(model_dir, name="snodevit-test", labels={"stage": "test"}))
+    env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "SNODEVIT_MODEL": tag, **TEST_ENV,
+           **(extra_env or {})}
+    os.environ.update(env)
+    if "service.service" in sys.modules:
+        module = importlib.reload(sys.modules["service.service"])
+    else:
+        module = importlib.import_module("service.service")
+    _PREPARED = PreparedService(home, model_dir, tag, env, module)
+    return _PREPARED
