@@ -77,7 +77,8 @@ def open_model(path: str | Path, backend: BackendName = "torch", device: str = "
         onnx_path = path / "model.onnx" if path.is_dir() else path
         if not onnx_path.is_file():
             raise CheckpointError(f"no ONNX graph at {onnx_path}; create one with `snodevit export`")
-        pred = OnnxPredictor(onnx_path, device=dev)
+        pred = OnnxPredictor(onnx_path, device=device)  # its "auto" also checks ORT's CUDA provider
+        dev = str(pred.device)
         return LoadedModel(pred, "onnx", dev, pred.cfg, list(pred.class_names), pred.preprocessing,
                            pred.calibration, pred.weights_sha256, str(onnx_path), {})
     raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")

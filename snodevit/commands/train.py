@@ -30,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--solver", choices=SOLVER_TYPES, default=None)
     p.add_argument("--num-steps", type=positive_int, default=None, help="solver steps per block")
     p.add_argument("--noise-dim", type=int, default=None, help="diffusion rank m; 0 trains a deterministic ODE ViT")
+    p.add_argument("--diffusion-scale", type=float, default=None, help="upper bound of the diffusion gate sigma(t)")
     p.add_argument("--pool", choices=POOL_TYPES, default=None)
     p.add_argument("--dropout", type=float, default=None)
     p.add_argument("--image-size", type=positive_int, default=None, help="resize images (image folders, CIFAR)")
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_dataset(args.data, image_size=args.image_size, augment=augment)
     prep = bundle.preprocessing
     overrides = model_overrides_for(prep.image_size, prep.channels, bundle.num_classes)
-    for key in ("attention", "solver", "num_steps", "noise_dim", "pool", "dropout"):
+    for key in ("attention", "solver", "num_steps", "noise_dim", "pool", "dropout", "diffusion_scale"):
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
