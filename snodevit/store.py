@@ -12,18 +12,19 @@ so ``snodevit.loading.open_model(stored_path, backend="torch" | "onnx")`` opens 
 The BentoML entry's metadata carries the headline figures (classes, weights hash, calibration), so
 ``bentoml models get snodevit-mnist:latest`` answers "which model is this?" without loading it.
 
-BentoML reads ``BENTOML_HOME`` once per process; :func:`use_home` switches an already running process (tests,
-notebooks) to another store.
+BentoML reads ``BENTOML_HOME`` once per process; :func:`use_home` (or :func:`temporary_home`) switches an
+already running process (tests, notebooks) to another store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,8 +42,21 @@ _MAX_FIGURES = 64
 _MAX_DEPTH = 3
 
 
+def _store_overrides(home: Path) -> list[tuple[Any, Any]]:
+    from bentoml._internal.bento import BentoStore
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models import ModelStore
+
+    for sub in ("", "models", "bentos", "envs", "tmp"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    return [(BentoMLContainer.bentoml_home, str(home)),
+            (BentoMLContainer.model_store, ModelStore(str(home / "models"))),
+            (BentoMLContainer.bento_store, BentoStore(str(home / "bentos"))),
+            (BentoMLContainer.tmp_bento_store, BentoStore(str(home / "tmp")))]
+
+
 def use_home(home: str | os.PathLike[str]) -> Path:
-    """Point this process (and the subprocesses it starts) at the BentoML home ``home``.
+    """Point this process (and the subprocesses it starts) at the BentoML home ``home``, for good.
 
     Sets ``BENTOML_HOME`` and replaces BentoML's cached stores, so it also works after ``bentoml`` was imported
     and used. The folder and its ``models``/``bentos`` sub-folders are created.
@@ -50,19 +64,29 @@ def use_home(home: str | os.PathLike[str]) -> Path:
     Returns:
         The home as an absolute path.
     """
-    from bentoml._internal.bento import BentoStore
-    from bentoml._internal.configuration.containers import BentoMLContainer
-    from bentoml._internal.models import ModelStore
-
     home = Path(home).absolute()
-    for sub in ("", "models", "bentos", "envs", "tmp"):
-        (home / sub).mkdir(parents=True, exist_ok=True)
+    for provider, value in _store_overrides(home):
+        provider.set(value)
     os.environ["BENTOML_HOME"] = str(home)
-    BentoMLContainer.bentoml_home.set(str(home))
-    BentoMLContainer.model_store.set(ModelStore(str(home / "models")))
-    BentoMLContainer.bento_store.set(BentoStore(str(home / "bentos")))
-    BentoMLContainer.tmp_bento_store.set(BentoStore(str(home / "tmp")))
     return home
+
+
+@contextlib.contextmanager
+def temporary_home(home: str | os.PathLike[str]) -> Iterator[Path]:
+    """:func:`use_home` inside a ``with`` block; the previous home (variable and stores) is back afterwards."""
+    home = Path(home).absolute()
+    previous = os.environ.get("BENTOML_HOME")
+    with contextlib.ExitStack() as stack:
+        for provider, value in _store_overrides(home):
+            stack.enter_context(provider.patch(value))
+        os.environ["BENTOML_HOME"] = str(home)
+        try:
+            yield home
+        finally:
+            if previous is None:
+                os.environ.pop("BENTOML_HOME", None)
+            else:
+                os.environ["BENTOML_HOME"] = previous
 
 
 def _figures(value: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:
