@@ -23,7 +23,7 @@ CALIBRATION: dict[str, Any] = {"temperature": 1.3, "conformal_score": "aps",
                                "conformal_thresholds": {"0.05": 0.9, "0.1": 0.8}, "decision_score": "confidence",
                                "decision_threshold": 0.5, "target_risk": 0.02,
                                "metrics": {"ece_before": 0.08, "ece_after": 0.02}}
-TEST_ENV = {"SNODEVIT_NUM_SAMPLES": "8", "SNODEVIT_MAX_IMAGES": "16", "SNODEVIT_BATCH_WAIT_MS": "20",
+TEST_ENV = {"SNODEVIT_NUM_SAMPLES": "8", "SNODEVIT_BATCH_WAIT_MS": "20",
             "SNODEVIT_TIMEOUT_S": "60"}
 
 
