@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import typing as t
 from pathlib import Path
@@ -81,6 +82,23 @@ UPLOADS = {
 }
 
 
+def _bento_model_tag() -> str | None:
+    """Inside a built Bento: the exact model version it was built with (None elsewhere, or with SNODEVIT_MODEL set).
+
+    BentoML 1.4 resolves ``name:latest`` against the model store each time a service starts, even when it serves a
+    built Bento (it pins only Hugging Face models), so without this a Bento would serve whatever model was
+    registered after it was built.
+    """
+    bento = getattr(SNodeViTService, "bento", None)
+    if bento is None or "SNODEVIT_MODEL" in os.environ:
+        return None
+    wanted = SNodeViTService.models[0].tag.name  # type: ignore[attr-defined]
+    for info in bento.info.services:
+        if info.name == SNodeViTService.name:
+            return next((str(m.tag) for m in info.models if m.tag.name == wanted), None)
+    return None
+
+
 async def _answered(work: t.Awaitable[t.Any]) -> t.Any:
     """The API's answer, or the JSON error response of a refused request."""
     try:
@@ -105,7 +123,8 @@ class SNodeViTService:
     def __init__(self) -> None:
         self._ready = False
         t0 = time.perf_counter()
-        stored = self.model_ref
+        pinned = _bento_model_tag()
+        stored = bentoml.models.get(pinned) if pinned else self.model_ref
         loaded = open_model(stored.path, backend=SETTINGS.backend, device=SETTINGS.device)
         self.engine = Engine(loaded, SETTINGS, name=stored.tag.name, tag=str(stored.tag), metrics=service_metrics())
         warm = self.engine.warm_up()

@@ -51,7 +51,7 @@ def server() -> Iterator[str]:
     log = tempfile.NamedTemporaryFile(prefix="bentoml-serve-", suffix=".log", delete=False)
     proc = subprocess.Popen(
         [str(bentoml_cli), "serve", "service.service:SNodeViTService", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -68,16 +68,28 @@ def server() -> Iterator[str]:
             time.sleep(0.5)
         yield url
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and the workers it started
-            proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop(proc)
         log.close()
         os.unlink(log.name)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the server we started and every process it started (its workers run in sessions of their own)."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    proc.send_signal(signal.SIGTERM)  # the arbiter stops its workers gracefully
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for child in alive:
+        child.kill()
 
 
 def classify(url: str, data: bytes, **form: str) -> httpx.Response:
