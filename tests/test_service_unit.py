@@ -437,3 +437,38 @@ def test_heatmap_overlay() -> None:
         overlay_png(img.float(), heat)
     with pytest.raises(ValueError, match="opacity"):
         overlay_png(img, heat, opacity=2.0)
+
+
+def test_demo_trains_calibrates_exports_and_registers_once(tmp_path: Path, capsys) -> None:
+    """The demo pipeline with a stand-in for the snodevit commands (a real training takes minutes)."""
+    from service import demo
+    from service.testing import make_tiny_model
+    from snodevit.checkpoint import update_meta
+    from snodevit.store import stored_metadata, temporary_home
+
+    out = tmp_path / "run"
+    calls: list[str] = []
+
+    def fake_snodevit(argv: list[str]) -> int:
+        calls.append(argv[0])
+        if argv[0] == "train":
+            assert argv[argv.index("--out") + 1] == str(out) and "--diffusion-scale" in argv
+            make_tiny_model(out, calibrated=False)
+        elif argv[0] == "calibrate":
+            update_meta(out, calibration=CALIBRATION)
+        elif argv[0] == "export":
+            return 1  # a failed export: registered without the graph
+        return 0
+
+    with temporary_home(tmp_path / "bentoml"):
+        assert demo.main(["--out", str(out), "--epochs", "2", "--", "--diffusion-scale", "1.0"], fake_snodevit) == 0
+        expected = ["train"] + [c for c in ("calibrate", "export") if demo.has_command(c)]
+        assert calls == expected
+        meta = stored_metadata("snodevit-mnist:latest")
+        assert meta["backends"] == ["torch"] and meta["calibrated"] is demo.has_command("calibrate")
+        printed = capsys.readouterr().out
+        assert "registered snodevit-mnist:" in printed and "done in" in printed
+
+        calls.clear()
+        assert demo.main(["--out", str(out)], fake_snodevit) == 0
+        assert calls == [] and "nothing to do" in capsys.readouterr().out

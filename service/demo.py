@@ -1,0 +1,147 @@
+"""``python -m service.demo``: make sure the model store holds a demo model for ``bentoml serve``.
+
+When the store (``BENTOML_HOME``) has no ``snodevit-mnist`` model, this
+
+1. trains one: ``snodevit train --variant tiny --data mnist5k --epochs 30 --out runs/demo`` (about 10 minutes
+   on a laptop CPU; a finished run in ``--out`` is reused);
+2. calibrates it: ``snodevit calibrate --model runs/demo --data mnist5k --out runs/demo/calibration``, when this
+   snodevit has that command;
+3. exports it: ``snodevit export --model runs/demo --out runs/demo/model.onnx --attention-maps``, when this
+   snodevit has that command (a failed export is reported and the model is registered without it);
+4. registers it as ``snodevit-mnist`` (``snodevit.store.register_model``),
+
+and prints what it did and how long each step took. With a model already there it only says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from snodevit.store import DEFAULT_NAME, ONNX_FILE
+
+Runner = Callable[[list[str]], int]
+
+
+def _snodevit(args: list[str]) -> int:
+    """Run a ``snodevit`` subcommand in this interpreter's environment, output straight to the terminal."""
+    return subprocess.run([sys.executable, "-m", "snodevit.cli", *args], check=False).returncode
+
+
+def has_command(name: str) -> bool:
+    """Whether this snodevit has the CLI subcommand ``name`` (calibrate and export are added by later work)."""
+    return importlib.util.find_spec(f"snodevit.commands.{name}") is not None
+
+
+def trained(model_dir: Path) -> bool:
+    """A finished training run: weights plus meta.json whose history covers all the configured epochs."""
+    meta_path = model_dir / "meta.json"
+    if not (model_dir / "model.safetensors").is_file() or not meta_path.is_file():
+        return False
+    training = json.loads(meta_path.read_text()).get("training") or {}
+    epochs = (training.get("config") or {}).get("epochs")
+    return epochs is not None and len(training.get("history") or []) >= epochs
+
+
+def calibrated(model_dir: Path) -> bool:
+    return bool(json.loads((model_dir / "meta.json").read_text()).get("calibration"))
+
+
+def existing(name: str) -> str | None:
+    """The newest stored version of ``name``, or None."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        return str(bentoml.models.get(f"{name}:latest").tag)
+    except NotFound:
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m service.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", default=DEFAULT_NAME, help="model store name (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="training output folder (default: %(default)s)")
+    p.add_argument("--data", default="mnist5k", help="data set to train and calibrate on (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="register a new version even when the store has one")
+    p.add_argument("train_args", nargs=argparse.REMAINDER,
+                   help="after --: more `snodevit train` options, e.g. -- --diffusion-scale 1.0")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, runner: Runner = _snodevit) -> int:
+    args = build_parser().parse_args(argv)
+    extra = [a for a in args.train_args if a != "--"] if args.train_args else []
+    home = os.environ.get("BENTOML_HOME", "~/bentoml")
+    found = existing(args.name)
+    if found and not args.force:
+        print(f"model store {home} already has {found}; nothing to do (--force registers a new version)")
+        return 0
+
+    from snodevit.store import register_model, stored_metadata
+
+    start = time.perf_counter()
+    steps: list[tuple[str, float]] = []
+
+    def step(label: str, argv_: list[str]) -> None:
+        print(f"== {label}: snodevit {' '.join(argv_)}", flush=True)
+        t0 = time.perf_counter()
+        code = runner(argv_)
+        steps.append((label, time.perf_counter() - t0))
+        if code != 0:
+            raise SystemExit(f"service.demo: `snodevit {' '.join(argv_)}` failed with exit code {code}")
+
+    out = args.out
+    if trained(out):
+        print(f"== train: reusing the finished run in {out}")
+    else:
+        step("train", ["train", "--variant", "tiny", "--data", args.data, "--epochs", str(args.epochs),
+                       "--out", str(out), *extra])
+    ran_calibration = False
+    if not has_command("calibrate"):
+        print("== calibrate: skipped (this snodevit has no `calibrate` command; the model is served uncalibrated)")
+    elif calibrated(out):
+        print(f"== calibrate: {out}/meta.json is already calibrated")
+    else:
+        step("calibrate", ["calibrate", "--model", str(out), "--data", args.data, "--out", str(out / "calibration")])
+        ran_calibration = True
+    onnx: Path | None = out / ONNX_FILE
+    if not has_command("export"):
+        print("== export: skipped (this snodevit has no `export` command)")
+        onnx = None
+    elif onnx.is_file() and not ran_calibration:
+        print(f"== export: reusing {onnx}")
+    else:
+        try:
+            step("export", ["export", "--model", str(out), "--out", str(onnx), "--attention-maps"])
+        except SystemExit as err:
+            print(f"{err}; registering without the ONNX graph (the torch backend does not need it)")
+            onnx = None
+    t0 = time.perf_counter()
+    try:
+        tag = register_model(out, name=args.name, onnx_path=onnx, labels={"stage": "demo"})
+    except ValueError as err:  # CheckpointError: e.g. a stale graph from an earlier run
+        if onnx is None:
+            raise
+        print(f"== register: {err}; registering without the ONNX graph")
+        tag = register_model(out, name=args.name, labels={"stage": "demo"})
+    steps.append(("register", time.perf_counter() - t0))
+    md = stored_metadata(str(tag))
+    print(f"== registered {tag} in {home}: weights {md['version']}, backends {', '.join(md['backends'])}, "
+          f"{'calibrated' if md['calibrated'] else 'not calibrated'}")
+    timing = ", ".join(f"{label} {seconds:.1f} s" for label, seconds in steps)
+    print(f"done in {time.perf_counter() - start:.1f} s ({timing})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
