@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from snodevit.images import DEFAULT_ALLOWED_FORMATS, ImageError, decode_image, normalize, to_uint8_tensor
-from snodevit.inference import resolve_seeds
+from snodevit.inference import MAX_SEED, resolve_seeds
 from snodevit.loading import LoadedModel
 from snodevit.records import prediction_records
 
@@ -122,8 +122,8 @@ class Engine:
         if layer is not None and not 0 <= layer < self.loaded.cfg.depth:
             raise invalid_parameter("layer", f"must be in [0, {self.loaded.cfg.depth - 1}] (the model has "
                                     f"{self.loaded.cfg.depth} blocks) or absent for the rollout, got {layer}")
-        if seed is not None:
-            resolve_seeds(seed, 1)  # raises on out-of-range seeds, but pydantic checked the bounds already
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise invalid_parameter("seed", f"must be in [0, {MAX_SEED}], got {seed}")
         return Params(num_samples, seed, top_k, self._resolve_alpha(alpha), layer)
 
     def _resolve_alpha(self, alpha: float | None) -> float | None:
@@ -310,7 +310,7 @@ class Engine:
                           num_samples_min=1, num_samples_max=s.max_num_samples, num_samples_default=s.num_samples,
                           top_k_default=min(s.top_k, self.num_classes), top_k_max=self.num_classes,
                           allowed_formats=list(DEFAULT_ALLOWED_FORMATS), max_concurrency=s.max_concurrency,
-                          timeout_s=s.timeout_s),
+                          max_buffered_bytes=s.max_buffered_bytes, timeout_s=s.timeout_s),
             uploads=uploads)
 
     def warm_up(self) -> float:

@@ -8,24 +8,31 @@ file field arrives as text. :class:`RequestGuard`, an ASGI middleware, sits in f
    one is counted while it streams in (413 as soon as it passes the limit); the body is buffered and replayed;
 3. sends raw image bodies (``Content-Type: image/*`` or ``application/octet-stream``) of ``POST /classify``,
    ``/explain`` and ``/explain_image`` to the raw-upload handler (``/raw/<route>``), parameters in the query;
-4. checks multipart forms with a header-only scan (no data is copied): well-formed, the image field(s) are file
-   uploads (never text that BentoML would fetch as a URL), no unknown or oversized fields, the image count;
-5. refuses every other content type with 415.
+4. checks multipart forms with a scan that copies no file data: well-formed, the image field(s) are file uploads
+   (never text that BentoML would fetch as a URL), no unknown, repeated or oversized fields, the image count,
+   and the parameters valid under the same pydantic types as the API signature (so BentoML's validation, which
+   logs a traceback for every refusal, only ever sees valid values);
+5. refuses every other content type with 415;
+6. keeps the bodies buffered at once under ``max_buffered_bytes`` (429 beyond), so many large uploads in
+   flight cannot exhaust memory.
 
 Every refusal is the common ``{"error", "detail"}`` body.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from pydantic import BaseModel, ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ServiceError
+from .errors import ServiceError, describe_validation_errors
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ class RouteRule:
     max_files: int  # the most images in that field
     fields: frozenset[str] = field(default_factory=frozenset)  # the other multipart fields (parameters)
     raw_path: str | None = None  # where a raw image body is routed; None: multipart only
+    params: type[BaseModel] | None = None  # validates the parameters (the API signature's types); None: skipped
 
 
 @dataclass
@@ -51,10 +59,13 @@ class _Part:
     name: str | None = None
     filename: str | None = None
     size: int = 0
+    value: bytes = b""  # the first MAX_FIELD_BYTES + 1 bytes of a non-file field
 
 
 def scan_multipart(body: bytes, content_type: str) -> list[_Part]:
-    """Names, file names and sizes of the parts of a multipart body, without copying their data.
+    """Names, file names and sizes of the parts of a multipart body, and the values of its small text fields.
+
+    File data is counted, never copied.
 
     Raises:
         ServiceError: 400 ``malformed_multipart`` when the body does not parse or has no closing boundary.
@@ -91,7 +102,10 @@ def scan_multipart(body: bytes, content_type: str) -> list[_Part]:
             parts[-1].filename = opts[b"filename"].decode("utf-8", "replace")
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
-        parts[-1].size += end - start
+        part = parts[-1]
+        part.size += end - start
+        if part.filename is None and len(part.value) <= MAX_FIELD_BYTES:
+            part.value += data[start:min(end, start + MAX_FIELD_BYTES + 1 - len(part.value))]
 
     def on_end() -> None:
         state["ended"] = True
@@ -148,6 +162,28 @@ def check_form(parts: list[_Part], rule: RouteRule, route: str) -> None:
                            f"request may carry is {rule.max_files}")
 
 
+def check_params(parts: list[_Part], rule: RouteRule) -> None:
+    """Validate the form's parameters as BentoML will (each value JSON-decoded when it parses, else the text).
+
+    Raises:
+        ServiceError: 400 ``invalid_parameter`` naming the parameter.
+    """
+    if rule.params is None:
+        return
+    values: dict[str, Any] = {}
+    for p in parts:
+        if p.name in rule.fields:
+            text = p.value.decode("utf-8", "replace")
+            try:
+                values[p.name] = json.loads(text)
+            except json.JSONDecodeError:
+                values[p.name] = text
+    try:
+        rule.params.model_validate(values)
+    except ValidationError as err:
+        raise ServiceError(400, "invalid_parameter", describe_validation_errors(err.errors())) from None
+
+
 class RequestGuard:
     """ASGI middleware enforcing :class:`RouteRule` per route and the service's concurrency limit.
 
@@ -155,17 +191,20 @@ class RequestGuard:
         app: the wrapped application.
         rules: route path -> its rule; raw-upload paths (``/raw/...``) are derived from them.
         max_concurrency: requests in progress on guarded routes before new ones get 429.
+        max_buffered_bytes: request bodies held at once (all requests together) before new ones get 429.
         guarded_paths: further paths counted against ``max_concurrency`` (e.g. ``/metadata``), with a 64 KiB cap.
     """
 
     def __init__(self, app: ASGIApp, rules: Mapping[str, RouteRule], max_concurrency: int,
-                 guarded_paths: tuple[str, ...] = ()) -> None:
+                 max_buffered_bytes: int = 256 * 2**20, guarded_paths: tuple[str, ...] = ()) -> None:
         self.app = app
         self.rules = dict(rules)
         self.raw_rules = {r.raw_path: r for r in self.rules.values() if r.raw_path}
         self.other = {p: RouteRule(64 * 2**10, "", 0) for p in guarded_paths}
         self.max_concurrency = max_concurrency
+        self.max_buffered_bytes = max_buffered_bytes
         self.in_flight = 0
+        self.buffered = 0  # bytes of request bodies held by requests in progress
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -185,15 +224,22 @@ class RequestGuard:
 
     async def _guard(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         rule = self.rules.get(path) or self.raw_rules.get(path) or self.other[path]
+        held = [0]  # bytes of this request counted in self.buffered
         try:
-            body = await self._read_body(scope, receive, rule.max_body, path)
-            if body is None:
-                return  # the client went away
-            if scope["method"] == "POST" and rule.file_field:
-                scope = self._route(scope, body, rule, path)
-        except ServiceError as err:
-            await self._refuse(scope, receive, send, err)
-            return
+            try:
+                body = await self._read_body(scope, receive, rule.max_body, path, held)
+                if body is None:
+                    return  # the client went away
+                if scope["method"] == "POST" and rule.file_field:
+                    scope = self._route(scope, body, rule, path)
+            except ServiceError as err:
+                await self._refuse(scope, receive, send, err)
+                return
+            await self._forward(scope, receive, send, body)
+        finally:
+            self.buffered -= held[0]
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         replayed = False
 
         async def replay() -> Message:
@@ -205,8 +251,17 @@ class RequestGuard:
 
         await self.app(scope, replay, send)
 
-    @staticmethod
-    async def _read_body(scope: Scope, receive: Receive, limit: int, path: str) -> bytes | None:
+    def _hold(self, held: list[int], size: int) -> None:
+        """Count ``size`` more buffered bytes for this request, refusing it when the budget is spent."""
+        if size > held[0]:
+            if self.buffered + size - held[0] > self.max_buffered_bytes:
+                raise ServiceError(429, "overloaded", "the service is holding too many large uploads; retry shortly",
+                                   headers={"Retry-After": "1"})
+            self.buffered += size - held[0]
+            held[0] = size
+
+    async def _read_body(self, scope: Scope, receive: Receive, limit: int, path: str,
+                         held: list[int]) -> bytes | None:
         headers = dict(scope.get("headers", []))
         declared = headers.get(b"content-length")
         if declared is not None:
@@ -217,6 +272,7 @@ class RequestGuard:
             if length > limit:
                 raise ServiceError(413, "request_too_large", f"the request body is {length} bytes, more than the "
                                    f"limit of {limit} bytes for {path}")
+            self._hold(held, length)
         chunks: list[bytes] = []
         total = 0
         while True:
@@ -228,6 +284,7 @@ class RequestGuard:
             if total > limit:
                 raise ServiceError(413, "request_too_large", f"the request body is more than the limit of {limit} "
                                    f"bytes for {path}")
+            self._hold(held, total)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -244,7 +301,9 @@ class RequestGuard:
             if scope.get("query_string"):
                 raise ServiceError(400, "invalid_parameter", "query parameters are read only with a raw image body; "
                                    f"send {', '.join(sorted(rule.fields))} as form fields of the multipart upload")
-            check_form(scan_multipart(body, content_type), rule, path)
+            parts = scan_multipart(body, content_type)
+            check_form(parts, rule, path)
+            check_params(parts, rule)
             return scope
         raw_hint = (" or the raw image bytes with Content-Type image/* (parameters in the query string)"
                     if rule.raw_path else "")

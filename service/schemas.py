@@ -146,6 +146,7 @@ class Limits(BaseModel):
     top_k_max: int
     allowed_formats: list[str]
     max_concurrency: int
+    max_buffered_bytes: int
     timeout_s: float
 
 

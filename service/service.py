@@ -231,8 +231,10 @@ def _input_fields(api: str) -> frozenset[str]:
     return frozenset(k for k in SNodeViTService.apis[api].input_spec.model_fields if k not in ("image", "images"))
 
 
-_RAW_MODELS: dict[str, type[BaseModel]] = {
-    name: params_model(SETTINGS, tuple(sorted(_input_fields(name)))) for name in ("classify", "explain", "explain_image")
+# The parameters of each API as one pydantic model: validates raw-upload query strings and, in the guard, form fields.
+_PARAMS: dict[str, type[BaseModel]] = {
+    name: params_model(SETTINGS, tuple(sorted(_input_fields(name))))
+    for name in ("classify", "classify_batch", "explain", "explain_image")
 }
 
 
@@ -241,7 +243,7 @@ def _query_params(route: str, query: QueryParams) -> dict[str, t.Any]:
     if repeated:
         raise ServiceError(400, "invalid_parameter", f"{repeated[0]}: given more than once")
     try:
-        return _RAW_MODELS[route].model_validate(dict(query)).model_dump()
+        return _PARAMS[route].model_validate(dict(query)).model_dump()
     except ValidationError as err:
         raise ServiceError(400, "invalid_parameter", describe_validation_errors(err.errors())) from None
 
@@ -258,13 +260,13 @@ async def _metadata_endpoint(request: Request) -> Response:
 
 ROUTE_RULES = {
     "/classify": RouteRule(SETTINGS.max_single_request_bytes, "image", 1, _input_fields("classify"),
-                           f"{RAW_PREFIX}/classify"),
+                           f"{RAW_PREFIX}/classify", _PARAMS["classify"]),
     "/classify_batch": RouteRule(SETTINGS.max_request_bytes, "images", SETTINGS.max_images,
-                                 _input_fields("classify_batch")),
+                                 _input_fields("classify_batch"), None, _PARAMS["classify_batch"]),
     "/explain": RouteRule(SETTINGS.max_single_request_bytes, "image", 1, _input_fields("explain"),
-                          f"{RAW_PREFIX}/explain"),
+                          f"{RAW_PREFIX}/explain", _PARAMS["explain"]),
     "/explain_image": RouteRule(SETTINGS.max_single_request_bytes, "image", 1, _input_fields("explain_image"),
-                                f"{RAW_PREFIX}/explain_image"),
+                                f"{RAW_PREFIX}/explain_image", _PARAMS["explain_image"]),
 }
 
 _extra_routes = Starlette(routes=[
@@ -276,4 +278,4 @@ SNodeViTService.mount_asgi_app(_extra_routes, path="/", name="snodevit-extra")
 SNodeViTService.add_asgi_middleware(ErrorShapeMiddleware,
                                     on_error=lambda code, status: service_metrics().record_error(code, status))
 SNodeViTService.add_asgi_middleware(RequestGuard, rules=ROUTE_RULES, max_concurrency=SETTINGS.max_concurrency,
-                                    guarded_paths=("/metadata",))
+                                    max_buffered_bytes=SETTINGS.max_buffered_bytes, guarded_paths=("/metadata",))

@@ -373,6 +373,58 @@ def test_form_checks(parts, status, detail) -> None:
     assert err.value.status == status and detail in err.value.detail
 
 
+def test_form_parameters_are_validated_like_the_api_signature() -> None:
+    from service.errors import ServiceError
+    from service.guard import RouteRule, check_params, scan_multipart
+    from service.schemas import params_model
+    from service.settings import ServiceSettings
+
+    params = params_model(ServiceSettings(), ("alpha", "num_samples", "seed", "top_k"))
+    rule = RouteRule(10**6, "image", 1, frozenset(params.model_fields), "/raw/classify", params)
+    ok, ctype = _multipart([("image", "a.png", b"x"), ("num_samples", None, b"16"), ("alpha", None, b"0.1")])
+    check_params(scan_multipart(ok, ctype), rule)
+    for field, value, detail in [("num_samples", b"257", "num_samples: Input should be less than or equal to 256"),
+                                 ("seed", b"-1", "seed: Input should be greater than or equal to 0"),
+                                 ("top_k", b"three", "top_k: Input should be a valid integer")]:
+        body, ctype = _multipart([("image", "a.png", b"x"), (field, None, value)])
+        with pytest.raises(ServiceError) as err:
+            check_params(scan_multipart(body, ctype), rule)
+        assert err.value.status == 400 and err.value.detail.startswith(detail)
+
+
+def test_guard_bounds_the_bytes_it_holds() -> None:
+    """Bodies are buffered against one budget for all requests: a body that would pass it gets 429."""
+    from service.guard import RequestGuard, RouteRule
+
+    async def echo(scope, receive, send) -> None:
+        message = await receive()
+        await Response(message["body"])(scope, receive, send)
+
+    rule = RouteRule(1000, "", 0)
+    guard = RequestGuard(echo, rules={"/echo": rule}, max_concurrency=4, max_buffered_bytes=100)
+
+    async def post(size: int, declared: bool) -> list:
+        sent: list = []
+        headers = [(b"content-length", str(size).encode())] if declared else []
+        scope = {"type": "http", "method": "PUT", "path": "/echo", "headers": headers, "query_string": b""}
+        chunks = [b"x" * 40] * (size // 40) + [b"x" * (size % 40)]
+
+        async def receive():
+            return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+
+        async def send(message):
+            sent.append(message)
+
+        await guard(scope, receive, send)
+        return sent
+
+    ok = run(post(80, declared=True))
+    assert ok[0]["status"] == 200 and ok[1]["body"] == b"x" * 80
+    assert run(post(150, declared=True))[0]["status"] == 429  # refused on its Content-Length
+    assert run(post(150, declared=False))[0]["status"] == 429  # refused while streaming in
+    assert guard.buffered == 0 and guard.in_flight == 0
+
+
 def test_multipart_scan_refuses_broken_bodies() -> None:
     from service.errors import ServiceError
     from service.guard import scan_multipart
