@@ -98,8 +98,8 @@ class Engine:
         self.loaded = loaded
         self.settings = settings
         self.metrics = metrics
-        self.info = ModelInfo(name=name, tag=tag, version=loaded.version, backend=loaded.backend_name,  # type: ignore[arg-type]
-                              device=str(loaded.device))
+        self.info = ModelInfo(name=name, tag=tag, version=loaded.version,
+                              backend=loaded.backend_name, device=str(loaded.device))  # type: ignore[arg-type]
         self.num_classes = len(loaded.class_names)
         self.alphas = sorted(float(a) for a in loaded.calibration.conformal_thresholds)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snodevit-inference")
@@ -116,7 +116,8 @@ class Engine:
             ServiceError: 400 ``invalid_parameter`` naming the parameter.
         """
         if not 1 <= num_samples <= self.settings.max_num_samples:
-            raise invalid_parameter("num_samples", f"must be in [1, {self.settings.max_num_samples}], got {num_samples}")
+            raise invalid_parameter("num_samples",
+                                    f"must be in [1, {self.settings.max_num_samples}], got {num_samples}")
         if not 1 <= top_k <= self.num_classes:
             raise invalid_parameter("top_k", f"must be in [1, {self.num_classes}] (the number of classes), got {top_k}")
         if layer is not None and not 0 <= layer < self.loaded.cfg.depth:
@@ -232,21 +233,23 @@ class Engine:
             ServiceError: a refused image (the first one, named), or 504 when the answer takes too long.
         """
         t0 = time.perf_counter()
-        names = where if where is not None else [None] * len(images)  # type: ignore[list-item]
-        decoded = await asyncio.gather(*(asyncio.to_thread(self.decode, data, name)
+        names: list[str | None] = list(where) if where is not None else [None] * len(images)
+        results = await asyncio.gather(*(asyncio.to_thread(self.decode, data, name)
                                          for data, name in zip(images, names)), return_exceptions=True)
-        for d in decoded:
-            if isinstance(d, BaseException):
-                raise d
+        decoded: list[Decoded] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result  # the first refused image, in upload order
+            decoded.append(result)
         seeds = resolve_seeds(params.seed, len(images))
         now = time.perf_counter()
-        items = [_Item(d.tensor, s, params.num_samples, params.alpha, params.top_k, now)  # type: ignore[union-attr]
+        items = [_Item(d.tensor, s, params.num_samples, params.alpha, params.top_k, now)
                  for d, s in zip(decoded, seeds)]
         answers: list[_Answer] = await self._with_timeout(self.batcher.submit(items))
         total_ms = _ms(time.perf_counter() - t0)
         if self.metrics is not None:
             self.metrics.images.labels(endpoint=endpoint).inc(len(images))
-        return [(a.record, Timing(decode_ms=d.decode_ms, queue_ms=a.queue_ms, inference_ms=a.inference_ms,  # type: ignore[union-attr]
+        return [(a.record, Timing(decode_ms=d.decode_ms, queue_ms=a.queue_ms, inference_ms=a.inference_ms,
                                   total_ms=total_ms, batch_size=a.batch_size))
                 for a, d in zip(answers, decoded)], total_ms
 

@@ -40,7 +40,7 @@ from starlette.routing import Route
 
 from snodevit.loading import open_model
 
-from .engine import Engine, Params
+from .engine import Engine
 from .errors import ErrorShapeMiddleware, ServiceError, describe_validation_errors
 from .guard import RAW_PREFIX, RequestGuard, RouteRule
 from .metrics import service_metrics

@@ -28,7 +28,7 @@ class ServiceSettings:
     max_bytes: int = DEFAULT_MAX_BYTES  # largest accepted image file, bytes
     max_pixels: int = DEFAULT_MAX_PIXELS  # largest accepted image, width * height (checked on the header)
     max_images: int = 64  # the most images in one /classify_batch request
-    max_request_bytes: int = 32 * 2**20  # largest request body of /classify_batch (single-image routes: max_bytes + 64 KiB)
+    max_request_bytes: int = 32 * 2**20  # largest /classify_batch body (single-image routes: max_bytes + 64 KiB)
     max_batch_size: int = 32  # the most images in one forward pass
     max_batch_rows: int = 4096  # the most images * samples in one forward pass (bounds activation memory)
     batch_wait_ms: float = 5.0  # how long an image arriving at an idle server waits for others to share its pass
@@ -69,5 +69,6 @@ class ServiceSettings:
             try:
                 values[f.name] = int(raw) if f.type == "int" else float(raw) if f.type == "float" else raw
             except ValueError:
-                raise ValueError(f"{key} must be a{'n integer' if f.type == 'int' else ' number'}, got {raw!r}") from None
+                kind = "an integer" if f.type == "int" else "a number"
+                raise ValueError(f"{key} must be {kind}, got {raw!r}") from None
         return cls(**values)  # type: ignore[arg-type]

@@ -144,8 +144,9 @@ def _check_onnx(onnx_path: Path, weights_sha256: str, meta: Mapping[str, Any]) -
 
     onnx_meta = read_onnx_metadata(onnx_path)
     if onnx_meta["weights_sha256"] != weights_sha256:
-        raise CheckpointError(f"{onnx_path} was exported from other weights (sha256 {onnx_meta['weights_sha256'][:12]}) "
-                              f"than the model directory ({weights_sha256[:12]}); re-run `snodevit export`")
+        raise CheckpointError(f"{onnx_path} was exported from other weights (sha256 "
+                              f"{onnx_meta['weights_sha256'][:12]}) than the model directory ({weights_sha256[:12]}); "
+                              "re-run `snodevit export`")
     want = meta.get("calibration")
     have = onnx_meta["calibration"].to_dict() if onnx_meta["calibration"].is_fitted else None
     if want and have is not None and {k: want.get(k) for k in have} != have:

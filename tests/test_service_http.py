@@ -224,7 +224,8 @@ BAD_INPUTS: list[BadInput] = [
              "invalid_parameter", "top_k"),
     BadInput("an alpha without a fitted threshold", "form `alpha=0.2`", _file(DIGIT_7, alpha="0.2"), 400,
              "invalid_parameter", "alpha"),
-    BadInput("alpha outside (0, 1)", "form `alpha=1.5`", _file(DIGIT_7, alpha="1.5"), 400, "invalid_parameter", "alpha"),
+    BadInput("alpha outside (0, 1)", "form `alpha=1.5`", _file(DIGIT_7, alpha="1.5"), 400, "invalid_parameter",
+             "alpha"),
     BadInput("a block index the model lacks", "`POST /explain_image`, form `layer=9`",
              lambda c: c.post("/explain_image", files={"image": ("a.png", DIGIT_7, "image/png")},
                               data={"layer": "9"}), 400, "invalid_parameter", "layer"),
@@ -320,4 +321,5 @@ def test_bad_inputs_table_matches_the_docs(bad_results) -> None:
         DOC.write_text(f"{head}{TABLE_START}\n{table}\n{TABLE_END}{tail}")
         text = DOC.read_text()
     documented = text.partition(TABLE_START)[2].partition(TABLE_END)[0].strip()
-    assert documented == table, "docs/bad-inputs.md is stale: run SNODEVIT_UPDATE_DOCS=1 pytest tests/test_service_http.py -k table"
+    assert documented == table, ("docs/bad-inputs.md is stale: run "
+                                 "SNODEVIT_UPDATE_DOCS=1 pytest tests/test_service_http.py -k table")
