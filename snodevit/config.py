@@ -64,7 +64,7 @@ class SNodeViTConfig:
     solver: SolverType = "euler"  # "euler" (Euler-Maruyama, Ito) or "heun" (Stratonovich Heun)
     num_steps: int = 2  # solver steps K per block over t in [0, 1]
     noise_dim: int = 8  # m: width of the low-rank diffusion subspace; 0 turns the model into a deterministic ODE ViT
-    diffusion_scale: float = 0.1  # upper bound of the diffusion gate sigma(t) at initialisation scale
+    diffusion_scale: float = 1.0  # upper bound of the diffusion gate sigma(t); 0.1 gave 30x smaller epistemic spread at equal accuracy
     time_embed_dim: int = 32  # sinusoidal embedding width of t fed to the TimeNet
     time_hidden_dim: int = 64  # hidden width of each block's TimeNet
     dropout: float = 0.0  # dropout on attention output and MLP (0 for the SDE model; used by the MC-dropout baseline)
