@@ -37,6 +37,8 @@ class ServiceSettings:
     timeout_s: float = 60.0  # a request still waiting for its answer after this long gets 504
 
     def __post_init__(self) -> None:
+        if not self.model.strip():
+            raise ValueError(f"{ENV_PREFIX}MODEL must name a model in the BentoML store, e.g. snodevit-mnist:latest")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         for f in dataclasses.fields(self):

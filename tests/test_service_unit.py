@@ -322,6 +322,8 @@ def test_settings_from_env() -> None:
         ServiceSettings.from_env({"SNODEVIT_BACKEND": "tensorrt"})
     with pytest.raises(ValueError, match="MAX_NUM_SAMPLES"):
         ServiceSettings.from_env({"SNODEVIT_NUM_SAMPLES": "300"})
+    with pytest.raises(ValueError, match="SNODEVIT_MODEL must name a model"):
+        ServiceSettings.from_env({"SNODEVIT_MODEL": ""})
 
 
 @pytest.mark.parametrize(("status", "body", "expected"), [
