@@ -24,7 +24,7 @@ def prediction_records(pred: Prediction, class_names: list[str], top_k: int = 3)
     top_p, top_i = s.probs.topk(k, dim=-1)
     records = []
     for b in range(s.probs.shape[0]):
-        idx = int(s.prediction[b])
+        idx = int(top_i[b, 0])  # from topk, so label and top_k[0] agree even when probabilities tie
         rec: dict[str, Any] = {
             "label": class_names[idx],
             "class_index": idx,
