@@ -1,8 +1,7 @@
 """Training loop: AdamW, linear warmup + cosine decay, gradient clipping, the KSVD regulariser.
 
 Mixed precision (bf16 autocast) and pinned memory are used only when CUDA is present. The best checkpoint
-(by validation accuracy) is written atomically as safetensors + JSON after every improvement, so a killed
-run leaves the last good model behind.
+or the final one (``TrainConfig.keep``) is written atomically as safetensors + JSON.
 """
 
 from __future__ import annotations
@@ -40,11 +39,14 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm
     label_smoothing: float = 0.0  # cross-entropy label smoothing (0 keeps probabilities honest before scaling)
     seed: int = 0  # seeds weights init order, shuffling, augmentation and the training noise
+    keep: str = "last"  # checkpoint to keep: "last" epoch, or "best" validation accuracy (biased if validating on calibration data)
     num_workers: int = 1  # DataLoader workers; 1 keeps augmentation single-threaded (tiny ops spin on 2 threads)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.keep not in ("last", "best"):
+            raise ValueError(f"keep must be 'last' or 'best', got {self.keep!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -96,7 +98,11 @@ def train_model(model: SNodeViT, train_set: Dataset, val_set: Dataset, tc: Train
                 out_dir: str | Path | None = None, meta: dict[str, Any] | None = None,
                 device: str | torch.device = "cpu", progress: bool = True,
                 on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
-    """Train ``model`` in place; keep the best weights (by validation accuracy) in ``out_dir``.
+    """Train ``model`` in place and write the kept checkpoint to ``out_dir``.
+
+    ``tc.keep="last"`` (default) writes the final epoch: the validation split of `snodevit train` is the
+    calibration split, and picking the best epoch on it makes the calibration data look better than unseen data
+    (measured: 98.8 % on it vs 97.4 % on test), which then biases temperature scaling.
 
     Args:
         train_set / val_set: datasets of ((C, H, W) float tensor, int label); augmentation belongs to train_set.
@@ -160,10 +166,11 @@ def train_model(model: SNodeViT, train_set: Dataset, val_set: Dataset, tc: Train
                       f"val acc {val_acc:.4f}  val nll {val_nll:.4f}  ({row['seconds']:.0f}s)", file=sys.stderr)
         if on_epoch is not None:
             on_epoch(row)
-        if val_acc > result.best_val_accuracy:
+        improved = val_acc > result.best_val_accuracy
+        if improved:
             result.best_val_accuracy, result.best_epoch = val_acc, epoch
-            if out_dir is not None:
-                save_model(model, out_dir, {**(meta or {}), "training": {"config": asdict(tc), "best_epoch": epoch,
+        if out_dir is not None and (improved if tc.keep == "best" else epoch == tc.epochs):
+                save_model(model, out_dir, {**(meta or {}), "training": {"config": asdict(tc), "saved_epoch": epoch, "keep": tc.keep,
                                                                         "val_accuracy": val_acc, "val_nll": val_nll,
                                                                         "history": result.history}})
     bar.close()

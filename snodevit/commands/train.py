@@ -26,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", choices=["last", "best"], default="last",
+                   help="checkpoint to write: the last epoch (default) or the best on the validation split, which is "
+                        "the calibration split and biases later calibration")
     p.add_argument("--attention", choices=ATTENTION_TYPES, default=None, help="attention backend (variant default)")
     p.add_argument("--solver", choices=SOLVER_TYPES, default=None)
     p.add_argument("--num-steps", type=positive_int, default=None, help="solver steps per block")
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = get_config(args.variant, **overrides)
     torch.manual_seed(args.seed)
     model = SNodeViT(cfg)
-    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, keep=args.keep)
     meta = {"class_names": bundle.class_names, "preprocessing": prep.to_dict(), "data": bundle.spec,
             "variant": args.variant}
     if not args.json:
@@ -80,9 +83,10 @@ def run(args: argparse.Namespace) -> int:
 
     result = train_model(model, bundle.train, bundle.calibration, tc, out_dir=args.out, meta=meta, device=device,
                          progress=show_bar, on_epoch=report)
-    figures = {"out": str(args.out), "best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
+    final = result.history[-1]["val_accuracy"]
+    figures = {"out": str(args.out), "keep": args.keep, "final_val_accuracy": final, "best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
                "train_seconds": result.seconds, "total_seconds": time.perf_counter() - start,
                "config": cfg.to_dict(), "train_config": asdict(tc)}
-    emit(args, figures, f"best validation accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}; "
+    emit(args, figures, f"final validation accuracy {final:.4f}; best  {result.best_val_accuracy:.4f} at epoch {result.best_epoch}; "
                         f"{result.seconds:.0f}s; model written to {args.out}")
     return 0
