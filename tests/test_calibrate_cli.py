@@ -1,0 +1,261 @@
+"""`snodevit calibrate` on a tiny random model: what it stores, what it reports, and how it refuses bad input.
+
+The fitted numbers are checked against the `calibration` package run independently on logits collected with
+``snodevit.commands.evaluate.collect``, and the stored calibration against what ``open_model(...).predict`` then
+answers. The shifted and OOD inputs of ``snodevit.shift`` are checked here too.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import calibration as cal
+from snodevit import MNIST_OVERRIDES, create_model, save_model
+from snodevit.cli import main
+from snodevit.commands.evaluate import collect
+from snodevit.data import ImageTensorDataset, load_dataset
+from snodevit.inference import summarize
+from snodevit.loading import open_model
+from snodevit.shift import ROTATION_ANGLES, photo_crops, rotate_images, uniform_noise_images
+
+TINY = dict(dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4)
+QUICK_IMAGES, QUICK_SAMPLES = 200, 4  # what --quick uses (snodevit.calibrate.quick_config)
+TARGET_RISK = 0.9  # a random model is right 1 time in 10: a reachable target, so the threshold is finite
+SECTIONS = ("goals", "temperature", "calibration", "conformal", "selective", "misclassification", "shift",
+            "domain_shift", "ood", "setup")
+FIGURES = ("calibration_reliability", "calibration_confidence_histogram", "selective_risk_coverage",
+           "misclassification_max_probability", "misclassification_entropy", "misclassification_mutual_information",
+           "misclassification_aleatoric", "shift_rotation", "ood_scores")
+
+
+def _tiny_model(directory: Path) -> Path:
+    torch.manual_seed(0)
+    m = create_model("tiny", **MNIST_OVERRIDES, **TINY)
+    torch.nn.init.normal_(m.head.weight)  # the initial zero head would answer 0.1 for every class
+    meta = {"class_names": [str(i) for i in range(10)],
+            "preprocessing": load_dataset("mnist5k").preprocessing.to_dict()}
+    return save_model(m, directory, meta=meta)
+
+
+def _main(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One quick calibration of a tiny random model; the tests below read what it left behind."""
+    model = _tiny_model(tmp_path_factory.mktemp("model"))
+    meta_before = json.loads((model / "meta.json").read_text())
+    out = tmp_path_factory.mktemp("report") / "calibration"
+    code, stdout, stderr = _main(["calibrate", "--model", str(model), "--data", "mnist5k", "--out", str(out),
+                                  "--quick", "--json", "--target-risk", str(TARGET_RISK), "--alphas", "0.1", "0.05"])
+    assert code == 0, stderr
+    return {"model": model, "out": out, "headline": json.loads(stdout), "meta_before": meta_before}
+
+
+@pytest.fixture(scope="module")
+def independent(run: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Raw logits of the quick calibration and test subsets, collected without the command."""
+    loaded = open_model(run["model"])
+    bundle = load_dataset("mnist5k")
+    out = {}
+    for split in ("calibration", "test"):
+        images, labels = bundle.raw(split)
+        ds = ImageTensorDataset(images[:QUICK_IMAGES], labels[:QUICK_IMAGES], loaded.preprocessing)
+        r = collect(loaded, ds, QUICK_SAMPLES, seed=0, batch_size=64, progress=False)
+        out[f"{split}_logits"], out[f"{split}_labels"] = r["logits"], r["labels"]
+    return out
+
+
+def _strict_json(text: str) -> Any:
+    def refuse(name: str) -> None:
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+# ------------------------------------------------------------------------------------------- what is stored
+
+
+def test_stored_calibration_is_what_open_model_reads_back(run: dict[str, Any]) -> None:
+    meta = json.loads((run["model"] / "meta.json").read_text())
+    h = run["headline"]
+    for key, value in run["meta_before"].items():  # calibrate only adds to meta.json
+        assert meta[key] == value
+    c = open_model(run["model"]).calibration
+    assert c.to_dict() == meta["calibration"]
+    assert c.temperature == h["temperature"] and c.temperature != 1.0
+    assert sorted(c.conformal_thresholds) == ["0.05", "0.1"] and c.conformal_score == "aps"
+    assert c.decision_score == "confidence" and c.target_risk == TARGET_RISK
+    assert c.decision_threshold is not None and 0.0 < c.decision_threshold <= 1.0
+    assert meta["calibration_figures"] == h
+
+
+def test_fit_equals_the_calibration_package_on_independently_collected_logits(
+        run: dict[str, Any], independent: dict[str, torch.Tensor]) -> None:
+    c = open_model(run["model"]).calibration
+    logits, labels = independent["calibration_logits"], independent["calibration_labels"]
+    assert logits.shape == (QUICK_SAMPLES, QUICK_IMAGES, 10)
+    t = cal.fit_temperature(logits, labels)
+    assert c.temperature == pytest.approx(t, rel=1e-6)
+    probs = cal.apply_temperature(logits.double(), t)
+    for alpha in (0.05, 0.1):
+        assert c.threshold_for(alpha) == pytest.approx(cal.fit_conformal_threshold(probs, labels, alpha, "aps"),
+                                                       abs=1e-6)
+    conf = probs.max(dim=1)
+    rule = cal.fit_selective_threshold(conf.values, conf.indices == labels, TARGET_RISK)
+    assert c.decision_threshold == pytest.approx(rule.threshold, abs=1e-6)
+
+    # the test-split figures are those of the fitted T on the test logits
+    m = _strict_json((run["out"] / "metrics.json").read_text())
+    test_probs = cal.apply_temperature(independent["test_logits"].double(), t)
+    test_labels = independent["test_labels"]
+    raw_probs = cal.apply_temperature(independent["test_logits"].double(), 1.0)
+    assert m["calibration"]["after"]["ece"] == pytest.approx(
+        cal.expected_calibration_error(test_probs, test_labels, n_bins=15), abs=1e-6)
+    assert m["calibration"]["before"]["ece"] == pytest.approx(
+        cal.expected_calibration_error(raw_probs, test_labels, n_bins=15), abs=1e-6)
+    # set membership sits on a threshold near 1 (APS): compare on the float32 probabilities the service computes
+    served = summarize(independent["test_logits"], t).probs
+    sets = cal.prediction_sets(served, c.threshold_for(0.1), "aps")
+    assert m["conformal"]["alpha=0.1"]["coverage"] == pytest.approx(cal.conformal_coverage(sets, test_labels)[0])
+
+
+def test_predict_applies_the_stored_calibration(run: dict[str, Any], independent: dict[str, torch.Tensor]) -> None:
+    loaded = open_model(run["model"])
+    images, _ = load_dataset("mnist5k").raw("test")
+    batch = ImageTensorDataset(images[:8], torch.zeros(8, dtype=torch.int64), loaded.preprocessing)
+    x = torch.stack([batch[i][0] for i in range(8)])
+    pred = loaded.predict(x, num_samples=QUICK_SAMPLES, seed=list(range(8)))
+    expected = cal.apply_temperature(independent["test_logits"][:, :8].double(), loaded.calibration.temperature)
+    torch.testing.assert_close(pred.summary.probs.double(), expected, atol=1e-5, rtol=0)
+    assert pred.prediction_sets is not None and pred.alpha == 0.05
+    assert pred.accept.tolist() == (pred.summary.confidence >= loaded.calibration.decision_threshold).tolist()
+
+
+# ------------------------------------------------------------------------------------------- what is reported
+
+
+def test_report_is_self_contained_and_metrics_hold_every_section(run: dict[str, Any]) -> None:
+    out = run["out"]
+    page = (out / "report.html").read_text()
+    uris = re.findall(r'src="(data:image/png;base64,[A-Za-z0-9+/=]+)"', page)
+    assert len(uris) == len(FIGURES)
+    assert all(base64.b64decode(u.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n" for u in uris)
+    assert not re.search(r'(src|href)="(?!data:)', page), "the report must not load anything from elsewhere"
+    assert "<script" not in page
+    for name in FIGURES:
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    m = _strict_json((out / "metrics.json").read_text())
+    assert tuple(m) == SECTIONS
+    assert m["shift"]["angle"] == [0.0, 90.0, 180.0]
+    assert {len(v) for v in m["shift"].values()} == {3}
+    assert m["shift"]["accuracy"][0] == pytest.approx(m["calibration"]["after"]["accuracy"])
+    assert set(m["ood"]) == {f"{s}/{k}" for s in ("uniform_noise", "photo_crops")
+                             for k in ("max_probability", "entropy", "mutual_information")}
+    assert all(0.0 <= r["auroc"] <= 1.0 for r in m["ood"].values())
+    assert set(m["domain_shift"]) == {"mnist5k test", "sklearn digits"}
+    assert m["setup"]["calibration_images"] == m["setup"]["test_images"] == QUICK_IMAGES
+    assert m["setup"]["num_samples"] == QUICK_SAMPLES
+    assert m["temperature"]["calibration_nll_after"] <= m["temperature"]["calibration_nll_before"]
+
+
+def test_json_headline_reads_the_metrics(run: dict[str, Any]) -> None:
+    h = run["headline"]
+    m = _strict_json((run["out"] / "metrics.json").read_text())
+    assert h["ece_before"] == m["calibration"]["before"]["ece"] and h["ece_after"] == m["calibration"]["after"]["ece"]
+    assert h["coverage"] == {"0.05": m["conformal"]["alpha=0.05"]["coverage"],
+                             "0.1": m["conformal"]["alpha=0.1"]["coverage"]}
+    assert h["mean_set_size"]["0.1"] == m["conformal"]["alpha=0.1"]["mean_set_size"]
+    assert h["selective_coverage"] == m["selective"]["test"]["coverage"]
+    assert h["ood_auroc_mutual_information"] == {s: m["ood"][f"{s}/mutual_information"]["auroc"]
+                                                 for s in ("uniform_noise", "photo_crops")}
+    assert h["quick"] is True and h["num_samples"] == QUICK_SAMPLES
+
+
+# ------------------------------------------------------------------------------------------- refusals
+
+
+def _rgb_folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, size=(16, 16, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+BAD_INPUT = {  # name -> (extra arguments, given the test's tmp_path; what stderr must say)
+    "alpha above 1": (lambda tmp: ["--alphas", "0.1", "1.5"], "--alphas must each be in (0, 1), got 1.5"),
+    "alpha 0": (lambda tmp: ["--alphas", "0"], "--alphas must each be in (0, 1), got 0"),
+    "alpha too small": (lambda tmp: ["--alphas", "0.001"], "alpha 0.001 is too small for 200 calibration images"),
+    "target risk": (lambda tmp: ["--target-risk", "2"], "--target-risk must be in [0, 1]"),
+    "rgb data": (lambda tmp: ["--data", f"imagefolder:{_rgb_folder(tmp / 'rgb')}"],
+                 "3-channel images, but the model expects 1"),
+    "missing model": (lambda tmp: ["--model", str(tmp / "no-such-model")], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_exits_2_with_a_message_and_leaves_the_model_alone(tmp_path: Path, case: str) -> None:
+    extra, message = BAD_INPUT[case]
+    model = _tiny_model(tmp_path / "model")
+    meta = (model / "meta.json").read_bytes()
+    # a later --model/--data replaces the earlier one (argparse keeps the last)
+    argv = ["calibrate", "--model", str(model), "--data", "mnist5k", "--out", str(tmp_path / "out"), "--quick"]
+    code, stdout, stderr = _main([*argv, *extra(tmp_path)])
+    assert code == 2
+    assert stderr.startswith("snodevit calibrate: error: ") and message in stderr, stderr
+    assert stdout == ""
+    assert (model / "meta.json").read_bytes() == meta
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_choice_is_an_argparse_error() -> None:
+    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit) as e:
+        main(["calibrate", "--model", "m", "--out", "o", "--decision-score", "entropy"])
+    assert e.value.code == 2
+
+
+# ------------------------------------------------------------------------------------------- shifted inputs
+
+
+def test_rotation_turns_counter_clockwise_and_zero_is_the_identity() -> None:
+    images = torch.randint(0, 256, (3, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    assert rotate_images(images, 0.0) is images
+    assert torch.equal(rotate_images(images, 90.0), torch.rot90(images, 1, dims=(2, 3)))
+    assert torch.equal(rotate_images(images, 180.0), torch.rot90(images, 2, dims=(2, 3)))
+    half = rotate_images(images, 45.0)
+    assert half.dtype == torch.uint8 and half.shape == images.shape
+    assert ROTATION_ANGLES == tuple(float(a) for a in range(0, 181, 15))
+    with pytest.raises(ValueError, match="uint8"):
+        rotate_images(images.float(), 15.0)
+
+
+def test_far_ood_inputs_are_seeded_uint8_images_of_the_model_size() -> None:
+    prep = load_dataset("mnist5k").preprocessing
+    for make in (uniform_noise_images, photo_crops):
+        a, b, c = make(6, prep, seed=1), make(6, prep, seed=1), make(6, prep, seed=2)
+        assert a.dtype == torch.uint8 and a.shape == (6, 1, 28, 28)
+        assert torch.equal(a, b) and not torch.equal(a, c)
+    noise = uniform_noise_images(64, prep).float()
+    assert noise.min() < 10 and noise.max() > 245 and abs(noise.mean().item() - 127.5) < 5
+    crops = photo_crops(16, prep).float()
+    assert crops.std(dim=(1, 2, 3)).min() > 0  # photographs, not blank squares
+    with pytest.raises(ValueError, match=">= 1"):
+        photo_crops(0, prep)
