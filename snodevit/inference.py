@@ -2,7 +2,9 @@
 
 ``predict`` takes any backend that can turn images and explicit noise into Monte Carlo logits (the PyTorch
 model, or the ONNX Runtime predictor in ``export.runtime``), draws the noise per image from that image's seed
-(so an answer does not depend on which other images share the batch), and summarises the samples:
+(so an answer does not depend on which other images share the batch, up to float32 rounding of about 1e-6:
+CPU matrix kernels sum in a batch-shape-dependent order; equal batch shapes give bit-identical answers), and
+summarises the samples:
 
 * calibrated mean probabilities ``p = mean_s softmax(z_s / T)``,
 * total uncertainty ``H[p]`` (predictive entropy), aleatoric ``mean_s H[p_s]`` (expected entropy) and
