@@ -309,6 +309,18 @@ def _ood_figure(scores: Mapping[str, Mapping[str, Tensor]], auroc: Mapping[str, 
     return _png(fig)
 
 
+def _selected_on_calibration_split(meta: Mapping[str, Any], spec: str) -> bool:
+    """Whether `snodevit train` picked the saved epoch by accuracy on this data set's calibration split.
+
+    It validates on the calibration split; with ``keep="best"`` (the only behaviour before ``keep`` was recorded)
+    the saved weights are the ones that scored best there, which biases anything fitted on that split.
+    """
+    training = meta.get("training")
+    if not isinstance(training, Mapping) or meta.get("data") != spec:
+        return False
+    return training.get("keep", "best") == "best"
+
+
 def _is_digit_model(loaded: LoadedModel) -> bool:
     return loaded.cfg.in_channels == 1 and list(loaded.class_names) == list(DIGIT_CLASSES)
 
@@ -484,8 +496,7 @@ def calibrate_model(loaded: LoadedModel, bundle: DatasetBundle, cfg: CalibrateCo
     setup = {
         "model": loaded.source, "weights_sha256": loaded.weights_sha256, "data": bundle.spec,
         "calibration_images": len(passes.calibration.labels), "test_images": len(passes.test.labels),
-        # `snodevit train` keeps the epoch with the best accuracy on this same calibration split
-        "model_selected_on_calibration_split": "training" in loaded.meta and loaded.meta.get("data") == bundle.spec,
+        "model_selected_on_calibration_split": _selected_on_calibration_split(loaded.meta, bundle.spec),
         "digits_images": 0 if passes.digits is None else len(passes.digits.labels),
         "ood_images_per_set": cfg.num_ood, "num_samples": cfg.num_samples, "seed": cfg.seed, "n_bins": cfg.n_bins,
         "alphas": list(cfg.alphas), "conformal_score": cfg.conformal_score, "decision_score": cfg.decision_score,

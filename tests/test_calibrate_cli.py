@@ -25,7 +25,7 @@ from snodevit import MNIST_OVERRIDES, create_model, save_model
 from snodevit.cli import main
 from snodevit.commands.evaluate import collect
 from snodevit.data import ImageTensorDataset, load_dataset
-from snodevit.inference import summarize
+from snodevit.inference import Calibration, summarize
 from snodevit.loading import open_model
 from snodevit.shift import ROTATION_ANGLES, photo_crops, rotate_images, uniform_noise_images
 
@@ -172,6 +172,7 @@ def test_report_is_self_contained_and_metrics_hold_every_section(run: dict[str, 
     assert set(m["domain_shift"]) == {"mnist5k test", "sklearn digits"}
     assert m["setup"]["calibration_images"] == m["setup"]["test_images"] == QUICK_IMAGES
     assert m["setup"]["num_samples"] == QUICK_SAMPLES
+    assert m["setup"]["model_selected_on_calibration_split"] is False  # the test model was never trained
     assert m["temperature"]["calibration_nll_after"] <= m["temperature"]["calibration_nll_before"]
 
 
@@ -186,6 +187,23 @@ def test_json_headline_reads_the_metrics(run: dict[str, Any]) -> None:
     assert h["ood_auroc_mutual_information"] == {s: m["ood"][f"{s}/mutual_information"]["auroc"]
                                                  for s in ("uniform_noise", "photo_crops")}
     assert h["quick"] is True and h["num_samples"] == QUICK_SAMPLES
+
+
+@pytest.mark.parametrize("meta, selected", [
+    ({"data": "mnist5k", "training": {"best_epoch": 19}}, True),  # before `keep` was recorded: best epoch kept
+    ({"data": "mnist5k", "training": {"keep": "best"}}, True),
+    ({"data": "mnist5k", "training": {"keep": "last"}}, False),
+    ({"data": "digits", "training": {"keep": "best"}}, False),  # validated on another data set
+    ({}, False),
+])
+def test_the_report_warns_when_the_model_was_selected_on_the_calibration_split(meta: dict, selected: bool) -> None:
+    from snodevit.calibrate import SELECTION_NOTE, CalibrationResult, _selected_on_calibration_split, report_intro
+
+    assert _selected_on_calibration_split(meta, "mnist5k") is selected
+    setup = {"calibration_images": 500, "test_images": 500, "data": "mnist5k", "num_samples": 32,
+             "model_selected_on_calibration_split": selected}
+    intro = report_intro(CalibrationResult(Calibration(), {"setup": setup}, {}, {}), "m")
+    assert (SELECTION_NOTE in intro) is selected
 
 
 # ------------------------------------------------------------------------------------------- refusals
