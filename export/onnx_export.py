@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -25,7 +23,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from snodevit.checkpoint import weights_hash
+from snodevit.checkpoint import atomic_write_bytes, weights_hash
 from snodevit.model import SNodeViT
 
 from .metadata import ATTENTION, IMAGES, LOGITS, NOISE, check_meta, encode_metadata
@@ -65,22 +63,6 @@ def _quiet_exporter() -> Iterator[None]:
     finally:
         folding.setLevel(level)
 
-
-def _atomic_write(path: Path, data: bytes, check: Any) -> None:
-    """Write ``data`` to a temp file beside ``path``, run ``check(temp_path)``, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        check(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def export_onnx(model: SNodeViT, path: str | Path, *, meta: Mapping[str, Any], opset: int | None = None,
@@ -157,7 +139,7 @@ def export_onnx(model: SNodeViT, path: str | Path, *, meta: Mapping[str, Any], o
         cfg, meta, weights_sha256=weights_hash(model), opset=actual_opset, attention_maps=attention_maps,
         static_sizes=None if dynamic else (batch_size, num_samples), version=snodevit.__version__))
     data = ir.serde.serialize_model(ir_model).SerializeToString()
-    _atomic_write(path, data, lambda tmp: onnx.checker.check_model(tmp, full_check=True))
+    atomic_write_bytes(path, data, lambda tmp: onnx.checker.check_model(tmp, full_check=True))
     logger.info("exported %s (%d bytes, opset %d)", path, len(data), actual_opset)
     return path
 

@@ -125,6 +125,27 @@ class SNodeViTConfig:
         """True when the blocks carry a diffusion term."""
         return self.noise_dim > 0
 
+    def noise_shape(self, batch_size: int, num_samples: int = 1) -> tuple[int, ...]:
+        """Shape of the noise of ``num_samples`` samples of ``batch_size`` images: (S, B, depth, K, N, m)."""
+        return (num_samples, batch_size, self.depth, self.num_steps, self.num_tokens, self.noise_dim)
+
+    def check_images(self, images: Any) -> None:
+        """The input contract of every backend: a float (B, C, H, W) tensor of this model's size.
+
+        Raises:
+            ValueError: naming the expected and the given shape or dtype.
+        """
+        import torch
+
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a (B, C, H, W) tensor, got {got}")
+        if tuple(images.shape[1:]) != (self.in_channels, self.image_size, self.image_size):
+            raise ValueError(f"images must have shape (B, {self.in_channels}, {self.image_size}, {self.image_size}) "
+                             f"for this model, got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be a floating point tensor (normalised pixels), got {images.dtype}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

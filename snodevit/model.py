@@ -71,8 +71,7 @@ class SNodeViT(nn.Module):
     # ----------------------------------------------------------------------------------------------- noise
     def noise_shape(self, batch_size: int, num_samples: int = 1) -> tuple[int, ...]:
         """Shape of the noise for ``num_samples`` samples of ``batch_size`` images: (S, B, depth, K, N, m)."""
-        c = self.cfg
-        return (num_samples, batch_size, c.depth, c.num_steps, c.num_tokens, c.noise_dim)
+        return self.cfg.noise_shape(batch_size, num_samples)
 
     def draw_noise(self, batch_size: int, num_samples: int = 1, generator: torch.Generator | None = None,
                    device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
@@ -84,15 +83,7 @@ class SNodeViT(nn.Module):
         return noise.to(device or p.device)
 
     def _check_input(self, images: Tensor) -> None:
-        c = self.cfg
-        if not isinstance(images, Tensor) or images.dim() != 4:
-            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"images must be a (B, C, H, W) tensor, got {got}")
-        if tuple(images.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
-            raise ValueError(f"images must have shape (B, {c.in_channels}, {c.image_size}, {c.image_size}) for this "
-                             f"model, got {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be a floating point tensor (normalised pixels), got {images.dtype}")
+        self.cfg.check_images(images)
 
     def _check_noise(self, noise: Tensor, batch_size: int, num_samples: int | None) -> None:
         c = self.cfg
