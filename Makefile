@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: install test serve demo-model bench lock clean
+.PHONY: install test serve demo-model bench bench-quick bench-uncertainty attention-comparison lock clean
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
@@ -32,6 +32,24 @@ demo-model: $(STAMP)
 
 serve: demo-model
 	$(VENV)/bin/bentoml serve service.service:SNodeViTService --host $(HOST) --port $(PORT)
+
+# Benchmarks (not part of `make test`; their --quick variants run inside the tests).
+# Serving path against the machine's own ceilings -> benchmarks/results.md (+ .json).
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py --out benchmarks
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/bench.py --quick --out runs/bench-quick
+
+# SNodeViT against deterministic+TS, MC dropout and a deep ensemble -> docs/uncertainty-benchmark.md.
+# DEVICE=cuda trains on a GPU; CPU timings are always taken on the CPU.
+DEVICE ?= auto
+bench-uncertainty: $(STAMP)
+	$(PY) benchmarks/uncertainty.py --device $(DEVICE) --out docs
+
+# The six attention backends side by side -> docs/attention-comparison.md.
+attention-comparison: $(STAMP)
+	$(PY) benchmarks/attention_comparison.py --device $(DEVICE) --out docs
 
 lock:
 	{ sed -n '/^#/p' requirements.lock; $(PY) -m pip freeze --exclude-editable | grep -v '^snodevit'; } > requirements.lock.new
