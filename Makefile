@@ -25,10 +25,12 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The main job: make sure the demo model exists in the BentoML store (train + calibrate + export + register
-# on first run), then serve it on localhost:3000.
+# The main job: make sure the demo model exists in the BentoML store (on first run: take the checkpoint shipped in
+# models/snodevit-mnist, or train one from scratch with RETRAIN=1; then calibrate + export + register), then serve
+# it on localhost:3000.
+DEMO_CHECKPOINT ?= models/snodevit-mnist
 demo-model: $(STAMP)
-	$(PY) -m service.demo
+	$(PY) -m service.demo $(if $(RETRAIN),,$(if $(wildcard $(DEMO_CHECKPOINT)/meta.json),--pretrained $(DEMO_CHECKPOINT)))
 
 serve: demo-model
 	$(VENV)/bin/bentoml serve service.service:SNodeViTService --host $(HOST) --port $(PORT)

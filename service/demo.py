@@ -2,8 +2,11 @@
 
 When the store (``BENTOML_HOME``) has no ``snodevit-mnist`` model, this
 
-1. trains one: ``snodevit train --variant tiny --data mnist5k --epochs 30 --out runs/demo`` (about 10 minutes
-   on a laptop CPU; a finished run in ``--out`` is reused);
+1. takes a trained checkpoint: with ``--pretrained DIR`` (what ``make serve`` does, with the checkpoint the repo
+   ships in ``models/snodevit-mnist``) it verifies that checkpoint's weights against the SHA-256 in its meta.json
+   and copies it to ``--out``; otherwise it trains one:
+   ``snodevit train --variant tiny --data mnist5k --epochs 30 --out runs/demo`` (about 8 minutes on 2 CPU cores;
+   a finished run in ``--out`` is reused);
 2. calibrates it: ``snodevit calibrate --model runs/demo --data mnist5k --out runs/demo/calibration``, when this
    snodevit has that command;
 3. exports it: ``snodevit export --model runs/demo --out runs/demo/model.onnx --attention-maps``, when this
@@ -54,6 +57,31 @@ def calibrated(model_dir: Path) -> bool:
     return bool(json.loads((model_dir / "meta.json").read_text()).get("calibration"))
 
 
+def copy_pretrained(source: Path, out: Path) -> str:
+    """Copy the finished checkpoint ``source`` to ``out`` after checking its weights hash; returns the hash.
+
+    Raises:
+        SystemExit: ``source`` is not a finished run, or its weights do not match the SHA-256 in its meta.json.
+    """
+    from snodevit.checkpoint import CheckpointError, atomic_write_bytes, load_model, weights_hash
+
+    if not trained(source):
+        raise SystemExit(f"service.demo: --pretrained {source} is not a finished training run "
+                         "(needs model.safetensors, config.json and meta.json with the full history)")
+    try:
+        model, meta = load_model(source)
+    except CheckpointError as err:
+        raise SystemExit(f"service.demo: --pretrained {source}: {err}") from err
+    digest = weights_hash(model)
+    if digest != meta.get("weights_sha256"):
+        raise SystemExit(f"service.demo: --pretrained {source}: weights hash {digest[:12]} does not match "
+                         f"meta.json's {str(meta.get('weights_sha256'))[:12]}; the checkpoint was altered")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", "config.json", "meta.json"):  # meta last: `trained(out)` looks at it
+        atomic_write_bytes(out / name, (source / name).read_bytes())
+    return digest
+
+
 def existing(name: str) -> str | None:
     """The newest stored version of ``name``, or None."""
     import bentoml
@@ -72,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="training output folder (default: %(default)s)")
     p.add_argument("--data", default="mnist5k", help="data set to train and calibrate on (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=30, help="training epochs (default: %(default)s)")
+    p.add_argument("--pretrained", type=Path, default=None, metavar="DIR",
+                   help="start from this finished checkpoint (verified by its weights hash) instead of training")
     p.add_argument("--force", action="store_true", help="register a new version even when the store has one")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="after --: more `snodevit train` options, e.g. -- --diffusion-scale 1.0")
@@ -103,6 +133,13 @@ def main(argv: Sequence[str] | None = None, runner: Runner = _snodevit) -> int:
     out = args.out
     if trained(out):
         print(f"== train: reusing the finished run in {out}")
+    elif args.pretrained is not None:
+        t0 = time.perf_counter()
+        digest = copy_pretrained(args.pretrained, out)
+        steps.append(("copy checkpoint", time.perf_counter() - t0))
+        recipe = (json.loads((out / "meta.json").read_text()).get("provenance") or {}).get("command")
+        print(f"== train: skipped, using the shipped checkpoint {args.pretrained} (weights {digest[:12]} verified"
+              + (f"; trained by `{recipe}`" if recipe else "") + "); `make serve RETRAIN=1` trains from scratch")
     else:
         step("train", ["train", "--variant", "tiny", "--data", args.data, "--epochs", str(args.epochs),
                        "--out", str(out), *extra])
