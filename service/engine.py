@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from snodevit.images import DEFAULT_ALLOWED_FORMATS, ImageError, decode_image, normalize, to_uint8_tensor
-from snodevit.inference import MAX_SEED, resolve_seeds
+from snodevit.inference import AUTO, MAX_SEED, AdaptiveSampling, NumSamples, resolve_seeds
 from snodevit.loading import LoadedModel
 from snodevit.records import prediction_records
 
@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 class Params:
     """Checked request parameters (``alpha`` resolved to a fitted key, or None without conformal calibration)."""
 
-    num_samples: int
+    num_samples: NumSamples  # an int, or "auto" for adaptive sampling
     seed: int | None
     top_k: int
     alpha: float | None
@@ -64,7 +64,7 @@ class Decoded:
 class _Item:
     image: torch.Tensor  # (C, S, S) model input
     seed: int
-    num_samples: int
+    num_samples: NumSamples
     alpha: float | None
     top_k: int
     enqueued: float  # time.perf_counter() when queued
@@ -102,22 +102,25 @@ class Engine:
                               backend=loaded.backend_name, device=str(loaded.device))  # type: ignore[arg-type]
         self.num_classes = len(loaded.class_names)
         self.alphas = sorted(float(a) for a in loaded.calibration.conformal_thresholds)
+        self.adaptive = AdaptiveSampling(max_samples=settings.auto_max_samples,
+                                         first_round=min(AdaptiveSampling.first_round, settings.auto_max_samples))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snodevit-inference")
         self.batcher: MicroBatcher[_Item, _Answer] = MicroBatcher(
             self._run_batch, self._executor, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.batch_wait_ms / 1000.0)
 
     # ----------------------------------------------------------------------------------------- parameters
-    def check(self, *, num_samples: int, seed: int | None, top_k: int, alpha: float | None,
+    def check(self, *, num_samples: NumSamples, seed: int | None, top_k: int, alpha: float | None,
               layer: int | None = None) -> Params:
         """Check what the API signature cannot (bounds that depend on the model).
 
         Raises:
             ServiceError: 400 ``invalid_parameter`` naming the parameter.
         """
-        if not 1 <= num_samples <= self.settings.max_num_samples:
-            raise invalid_parameter("num_samples",
-                                    f"must be in [1, {self.settings.max_num_samples}], got {num_samples}")
+        if num_samples != AUTO and not (isinstance(num_samples, int) and
+                                        1 <= num_samples <= self.settings.max_num_samples):
+            raise invalid_parameter("num_samples", f"must be in [1, {self.settings.max_num_samples}] or 'auto', "
+                                    f"got {num_samples!r}")
         if not 1 <= top_k <= self.num_classes:
             raise invalid_parameter("top_k", f"must be in [1, {self.num_classes}] (the number of classes), got {top_k}")
         if layer is not None and not 0 <= layer < self.loaded.cfg.depth:
@@ -174,19 +177,26 @@ class Engine:
         return Decoded(pixels, normalize(pixels, prep), _ms(time.perf_counter() - t0))
 
     # ----------------------------------------------------------------------------------------- inference
+    def _predict(self, images: torch.Tensor, num_samples: NumSamples, seeds: list[int], **kwargs: Any) -> Any:
+        adaptive = self.adaptive if num_samples == AUTO else None
+        return self.loaded.predict(images, num_samples=num_samples, seed=seeds, adaptive=adaptive, **kwargs)
+
     def _run_batch(self, items: list[_Item], count: bool = True) -> list[_Answer]:
-        """One forward pass per (num_samples, alpha) group, at most ``max_batch_rows`` images * samples each."""
-        groups: dict[tuple[int, float | None], list[int]] = defaultdict(list)
+        """One forward pass per (num_samples, alpha) group, at most ``max_batch_rows`` images * samples each
+        ("auto" counts its most samples; its images leave the pass as their answers settle)."""
+        groups: dict[tuple[NumSamples, float | None], list[int]] = defaultdict(list)
         for i, item in enumerate(items):
             groups[(item.num_samples, item.alpha)].append(i)
         answers: list[_Answer | None] = [None] * len(items)
         for (num_samples, alpha), indices in groups.items():
-            per_pass = max(1, self.settings.max_batch_rows // num_samples)
+            most = self.adaptive.max_samples if num_samples == AUTO else num_samples
+            assert isinstance(most, int)
+            per_pass = max(1, self.settings.max_batch_rows // most)
             for start in range(0, len(indices), per_pass):
                 chunk = indices[start:start + per_pass]
                 t0 = time.perf_counter()
-                pred = self.loaded.predict(torch.stack([items[i].image for i in chunk]), num_samples=num_samples,
-                                           seed=[items[i].seed for i in chunk], alpha=alpha)
+                pred = self._predict(torch.stack([items[i].image for i in chunk]), num_samples,
+                                     [items[i].seed for i in chunk], alpha=alpha)
                 inference_ms = _ms(time.perf_counter() - t0)
                 by_k: dict[int, list[dict[str, Any]]] = {}
                 for j, i in enumerate(chunk):
@@ -195,13 +205,13 @@ class Engine:
                         by_k[k] = prediction_records(pred, self.loaded.class_names, k)
                     answers[i] = _Answer(by_k[k][j], len(chunk), _ms(t0 - items[i].enqueued), inference_ms)
                 if count:
-                    self._count(pred.accept.tolist(), num_samples)
+                    self._count(pred.accept.tolist(), pred.num_samples)
         return [a for a in answers if a is not None]
 
-    def _count(self, accepted: list[bool], num_samples: int) -> None:
+    def _count(self, accepted: list[bool], num_samples: list[int]) -> None:
         if self.metrics is None:
             return
-        self.metrics.samples.inc(len(accepted) * num_samples)
+        self.metrics.samples.inc(sum(num_samples))
         self.metrics.batch_size.observe(len(accepted))
         n_accept = sum(accepted)
         if n_accept:
@@ -255,9 +265,8 @@ class Engine:
 
     def _explain_sync(self, image: torch.Tensor, params: Params, seed: int) -> tuple[Any, float]:
         t0 = time.perf_counter()
-        pred = self.loaded.predict(image[None], num_samples=params.num_samples, seed=[seed], alpha=params.alpha,
-                                   attention=True)
-        self._count(pred.accept.tolist(), params.num_samples)
+        pred = self._predict(image[None], params.num_samples, [seed], alpha=params.alpha, attention=True)
+        self._count(pred.accept.tolist(), pred.num_samples)
         return pred, _ms(time.perf_counter() - t0)
 
     async def explain(self, data: bytes, params: Params, *, endpoint: str) -> tuple[ExplainResponse, Decoded]:
@@ -311,6 +320,7 @@ class Engine:
             limits=Limits(max_bytes=s.max_bytes, max_pixels=s.max_pixels, max_request_bytes=s.max_request_bytes,
                           max_single_request_bytes=s.max_single_request_bytes, max_images=s.max_images,
                           num_samples_min=1, num_samples_max=s.max_num_samples, num_samples_default=s.num_samples,
+                          num_samples_auto_max=self.adaptive.max_samples,
                           top_k_default=min(s.top_k, self.num_classes), top_k_max=self.num_classes,
                           allowed_formats=list(DEFAULT_ALLOWED_FORMATS), max_concurrency=s.max_concurrency,
                           max_buffered_bytes=s.max_buffered_bytes, timeout_s=s.timeout_s),

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WithJsonSchema, WrapValidator
 
-from snodevit.inference import MAX_SEED
+from snodevit.inference import AUTO, MAX_SEED
 
 from .settings import ServiceSettings
+
+
+def _auto_or_int(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """``num_samples``: the text "auto" (any case, surrounding blanks) as ``AUTO``, anything else as the integer."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    return handler(value)
 
 
 def parameter_types(settings: ServiceSettings) -> dict[str, Any]:
@@ -21,9 +28,16 @@ def parameter_types(settings: ServiceSettings) -> dict[str, Any]:
     The API signatures in ``service.service`` and :func:`params_model` both use these, so a multipart form
     field and a query parameter of a raw upload are validated by the same rules.
     """
+    description = (f"Monte Carlo samples of the SDE per image, or 'auto': draw them in rounds and stop when the "
+                   f"label, the decision and the uncertainty are settled (at most {settings.auto_max_samples}; "
+                   "the answer's num_samples says how many were used)")
+    # An integer in range keeps the constrained-int errors of plain integers; "auto" passes before them.
+    num_samples_schema = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": settings.max_num_samples},
+                                    {"type": "string", "const": AUTO}],
+                          "minimum": 1, "maximum": settings.max_num_samples, "description": description}
     return {
-        "num_samples": Annotated[int, Field(ge=1, le=settings.max_num_samples,
-                                            description="Monte Carlo samples of the SDE per image")],
+        "num_samples": Annotated[int, Field(ge=1, le=settings.max_num_samples, description=description),
+                                 WrapValidator(_auto_or_int), WithJsonSchema(num_samples_schema)],
         "seed": Annotated[int | None, Field(ge=0, le=MAX_SEED, description="noise seed; drawn and returned when "
                                             "absent. The same image, seed and num_samples give the same answer")],
         "top_k": Annotated[int, Field(ge=1, description="classes listed in top_k (at most the number of classes)")],
@@ -89,7 +103,8 @@ class Classification(BaseModel):
     decision: Literal["accept", "review"]
     reason: str
     seed: int
-    num_samples: int
+    num_samples: int = Field(description="Monte Carlo samples this answer used: the requested number, or with "
+                             "num_samples='auto' as many as the adaptive rule drew")
 
 
 class ClassifyResponse(Classification):
@@ -142,6 +157,7 @@ class Limits(BaseModel):
     num_samples_min: int
     num_samples_max: int
     num_samples_default: int
+    num_samples_auto_max: int = Field(description="the most samples num_samples='auto' draws for one image")
     top_k_default: int
     top_k_max: int
     allowed_formats: list[str]

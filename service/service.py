@@ -243,7 +243,7 @@ def _query_params(route: str, query: QueryParams) -> dict[str, t.Any]:
     if repeated:
         raise ServiceError(400, "invalid_parameter", f"{repeated[0]}: given more than once")
     try:
-        return _PARAMS[route].model_validate(dict(query)).model_dump()
+        return dict(_PARAMS[route].model_validate(dict(query)))  # the values as validated (num_samples may be "auto")
     except ValidationError as err:
         raise ServiceError(400, "invalid_parameter", describe_validation_errors(err.errors())) from None
 

@@ -24,12 +24,13 @@ class ServiceSettings:
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda[:i]"
     num_samples: int = 32  # Monte Carlo samples per image when a request does not say
     max_num_samples: int = 256  # the most samples one request may ask for
+    auto_max_samples: int = 32  # the most samples num_samples="auto" draws for one image (adaptive sampling)
     top_k: int = 3  # classes listed in ``top_k`` when a request does not say
     max_bytes: int = DEFAULT_MAX_BYTES  # largest accepted image file, bytes
     max_pixels: int = DEFAULT_MAX_PIXELS  # largest accepted image, width * height (checked on the header)
     max_images: int = 64  # the most images in one /classify_batch request
     max_request_bytes: int = 32 * 2**20  # largest /classify_batch body (single-image routes: max_bytes + 64 KiB)
-    max_batch_size: int = 32  # the most images in one forward pass
+    max_batch_size: int = 32  # the most images in one forward pass; 1 turns adaptive micro-batching off
     max_batch_rows: int = 4096  # the most images * samples in one forward pass (bounds activation memory)
     batch_wait_ms: float = 5.0  # how long an image arriving at an idle server waits for others to share its pass
     max_concurrency: int = 64  # requests in progress before new ones are refused with 429
@@ -45,6 +46,9 @@ class ServiceSettings:
             value = getattr(self, f.name)
             if f.type in ("int", "float") and not value > 0:
                 raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be > 0, got {value!r}")
+        if self.auto_max_samples > self.max_num_samples:
+            raise ValueError(f"{ENV_PREFIX}AUTO_MAX_SAMPLES ({self.auto_max_samples}) must be <= "
+                             f"{ENV_PREFIX}MAX_NUM_SAMPLES ({self.max_num_samples})")
         if self.num_samples > self.max_num_samples:
             raise ValueError(f"{ENV_PREFIX}NUM_SAMPLES ({self.num_samples}) must be <= {ENV_PREFIX}MAX_NUM_SAMPLES "
                              f"({self.max_num_samples})")

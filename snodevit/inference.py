@@ -13,6 +13,15 @@ summarises the samples:
 * the conformal prediction set and the accept/review decision from the stored calibration,
 * optionally attention maps (per block, query -> patches, mean over heads and samples) and rollout.
 
+With ``num_samples="auto"`` (``AdaptiveSampling``) the samples are drawn in rounds and an image stops as soon as
+its label, its accept/review decision and its uncertainty figures are settled: each margin (top class over the
+runner-up; decision score over its threshold) exceeds ``z`` standard errors of the Monte Carlo mean, and ``z``
+standard errors of the total, aleatoric and epistemic uncertainty (delta method) are below ``tolerance`` nats.
+Image b's noise is drawn sample by sample from its seed, so the first n samples of a longer draw are exactly
+the samples of a draw of n: an adaptive answer that used n samples is the fixed ``num_samples=n`` answer with the
+same seed (bit-identical when the passes have equal shapes, e.g. a lone image answered in one round; otherwise
+within the float32 rounding that batch composition causes).
+
 References:
     Depeweg et al. "Decomposition of Uncertainty in Bayesian Deep Learning." ICML 2018 (entropy split).
     Abnar & Zuidema. "Quantifying Attention Flow in Transformers." ACL 2020 (attention rollout).
@@ -20,14 +29,17 @@ References:
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Literal, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 MAX_SEED = 2**63 - 1
+AUTO = "auto"  # num_samples value that asks for adaptive sampling
+NumSamples = int | Literal["auto"]
 
 
 class SamplingBackend(Protocol):
@@ -83,6 +95,35 @@ class Calibration:
         raise ValueError(f"alpha={alpha} has no fitted conformal threshold; fitted alphas: {fitted}")
 
 
+@dataclass(frozen=True)
+class AdaptiveSampling:
+    """Stopping rule of ``num_samples="auto"``: sample in rounds until the answer is settled or ``max_samples``."""
+
+    max_samples: int = 32  # S_max: no image gets more samples
+    first_round: int = 8  # samples every image gets before the first check
+    round_size: int = 8  # samples added to each unsettled image per later round
+    z: float = 3.0  # a margin is settled when it exceeds z standard errors of its Monte Carlo estimate
+    tolerance: float = 0.05  # nats: z standard errors of total / aleatoric / epistemic uncertainty must be below it
+
+    def __post_init__(self) -> None:
+        for name in ("max_samples", "first_round", "round_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"AdaptiveSampling.{name} must be an integer >= 1, got {value!r}")
+        if self.first_round > self.max_samples:
+            raise ValueError(f"AdaptiveSampling.first_round ({self.first_round}) must be <= max_samples "
+                             f"({self.max_samples})")
+        if not (self.z > 0 and math.isfinite(self.z)):
+            raise ValueError(f"AdaptiveSampling.z must be a finite number > 0, got {self.z!r}")
+        if not (self.tolerance > 0 and math.isfinite(self.tolerance)):
+            raise ValueError(f"AdaptiveSampling.tolerance must be a finite number > 0, got {self.tolerance!r}")
+
+    def rounds(self) -> list[int]:
+        """Cumulative sample counts at which the rule checks: first_round, +round_size, ..., max_samples."""
+        ends = list(range(self.first_round, self.max_samples, self.round_size))
+        return ends + [self.max_samples]
+
+
 @dataclass
 class UncertaintySummary:
     """Monte Carlo summary of a batch. Shapes use B images and C classes."""
@@ -107,12 +148,13 @@ class Prediction:
     """Everything the service and the CLI report for a batch of images."""
 
     summary: UncertaintySummary
-    logits: Tensor  # (S, B, C) raw Monte Carlo logits
+    logits: Tensor  # (S, B, C) raw Monte Carlo logits; adaptive: S = the most any image used, unused rows NaN
     seeds: list[int]  # the seed of each image's noise
     prediction_sets: Tensor | None  # (B, C) bool at ``alpha``, None when not calibrated
     alpha: float | None
     accept: Tensor  # (B,) bool
     reasons: list[str]
+    num_samples: list[int]  # samples each image's answer used (all equal unless adaptive)
     attention: Tensor | None = None  # (B, depth, g, g) query -> patch attention per block
     rollout: Tensor | None = None  # (B, g, g)
 
@@ -161,14 +203,19 @@ def resolve_seeds(seed: int | Sequence[int] | None, batch_size: int) -> list[int
 
 def draw_noise(backend: SamplingBackend, seeds: Sequence[int], num_samples: int,
                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
-    """Noise (S, B, ...) where column b is drawn from a CPU generator seeded with ``seeds[b]``.
+    """Noise (S, B, ...) where column b is drawn from a CPU generator seeded with ``seeds[b]``, sample by sample.
 
     Drawing on the CPU makes the noise, and so the answer, identical on every device and backend; it costs a
-    few thousand normals per sample, far below the forward pass.
+    few thousand normals per sample, far below the forward pass. One draw per sample (not one for all S) makes
+    the first n samples of any longer draw exactly the draw of n, which adaptive sampling relies on.
     """
-    per_image = backend.noise_shape(1, num_samples)  # (S, 1, ...)
-    cols = [torch.randn(per_image, generator=torch.Generator().manual_seed(s), dtype=dtype) for s in seeds]
-    return torch.cat(cols, dim=1).to(device)
+    tail = backend.noise_shape(1, 1)[2:]  # (depth, K, N, m)
+    noise = torch.empty((num_samples, len(seeds), *tail), dtype=dtype)
+    for b, s in enumerate(seeds):
+        gen = torch.Generator().manual_seed(s)
+        for i in range(num_samples):
+            torch.randn(tail, generator=gen, dtype=dtype, out=noise[i, b])
+    return noise.to(device)
 
 
 def attention_maps(attention: Tensor, pool: str = "cls") -> tuple[Tensor, Tensor]:
@@ -220,35 +267,184 @@ def _decide(summary: UncertaintySummary, cal: Calibration) -> tuple[Tensor, list
     return accept, reasons
 
 
+def _standard_error(values: Tensor) -> Tensor:
+    """Standard error of the mean over dim 0 of (n, ...) values; inf when n < 2 (nothing to estimate from)."""
+    n = values.shape[0]
+    if n < 2:
+        return torch.full(values.shape[1:], math.inf, dtype=values.dtype, device=values.device)
+    return values.std(dim=0, unbiased=True) / math.sqrt(n)
+
+
+def uncertainty_standard_errors(sample_probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Monte Carlo standard errors of total, aleatoric and epistemic uncertainty from n sample probabilities.
+
+    Delta method: ``H[p]`` moves by ``-sum_c log p_c (p_s,c - p_c)`` per sample (its influence), aleatoric
+    ``mean_s H[p_s]`` is a plain mean, and epistemic is their difference, so each SE is the sample standard
+    deviation of the per-sample terms over sqrt(n).
+
+    Args:
+        sample_probs: (n, B, C) calibrated probabilities of each sample.
+
+    Returns:
+        (B,) standard errors of total, aleatoric and epistemic uncertainty, nats (inf when n < 2).
+    """
+    p = sample_probs.mean(dim=0)
+    h_s = _entropy(sample_probs)  # (n, B)
+    influence = -((sample_probs - p) * torch.log(p.clamp_min(1e-12))).sum(dim=-1)  # (n, B)
+    return _standard_error(influence), _standard_error(h_s), _standard_error(influence - h_s)
+
+
+def settled(logit_samples: Tensor, calibration: Calibration, rule: AdaptiveSampling) -> Tensor:
+    """Which images' answers the adaptive rule considers settled after the samples so far.
+
+    With calibrated sample probabilities ``p_s`` (n, B, C) and their mean ``p``, an image is settled when
+
+    * label: ``p[c1] - p[c2] > z * SE(p_s[c1] - p_s[c2])`` (top class over the runner-up);
+    * decision: ``|score - threshold| > z * SE(score)`` for the calibrated accept/review rule (confidence
+      ``p[c1]``, or epistemic uncertainty); always settled when no threshold is calibrated;
+    * uncertainty: ``z * SE <= tolerance`` for total, aleatoric and epistemic uncertainty
+      (``uncertainty_standard_errors``).
+
+    SE is the sample standard deviation over sqrt(n); with fewer than 2 samples nothing is settled.
+
+    Args:
+        logit_samples: (n, B, C) raw logits.
+        calibration: temperature and decision rule.
+        rule: ``z`` and ``tolerance``.
+
+    Returns:
+        (B,) bool.
+    """
+    p_s = torch.softmax(logit_samples.double() / calibration.temperature, dim=-1)  # (n, B, C)
+    p = p_s.mean(dim=0)  # (B, C)
+    top = p.topk(min(2, p.shape[-1]), dim=-1).indices  # (B, 2)
+    p_top = p_s.gather(-1, top[None].expand(p_s.shape[0], -1, -1))  # (n, B, 2)
+    if p.shape[-1] > 1:
+        diff = p_top[..., 0] - p_top[..., 1]
+        label_ok = diff.mean(dim=0) > rule.z * _standard_error(diff)
+    else:
+        label_ok = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
+    se_total, se_alea, se_epi = uncertainty_standard_errors(p_s)
+    unc_ok = rule.z * torch.stack((se_total, se_alea, se_epi)).amax(dim=0) <= rule.tolerance
+    if calibration.decision_threshold is None:
+        decision_ok = torch.ones_like(label_ok)
+    else:
+        thr = calibration.decision_threshold
+        if calibration.decision_score == "confidence":
+            margin, se = (p_top[..., 0].mean(dim=0) - thr).abs(), _standard_error(p_top[..., 0])
+        elif calibration.decision_score == "epistemic":
+            epistemic = (_entropy(p) - _entropy(p_s).mean(dim=0)).clamp_min(0.0)
+            margin, se = (epistemic - thr).abs(), se_epi
+        else:
+            raise ValueError(f"decision_score must be 'confidence' or 'epistemic', got {calibration.decision_score!r}")
+        decision_ok = margin > rule.z * se
+    return label_ok & decision_ok & unc_ok
+
+
+def _adaptive_logits(backend: SamplingBackend, images: Tensor, noise: Tensor, cal: Calibration,
+                     rule: AdaptiveSampling, attention: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Sample in rounds, dropping settled images. Returns logits (S_max, B, C) with NaN where unused, the
+    attention (S_max, B, depth, N, N) or None, and the samples used per image (B,)."""
+    b = images.shape[0]
+    used = torch.zeros(b, dtype=torch.long)
+    active = torch.arange(b)
+    logits: Tensor | None = None
+    attn: Tensor | None = None
+    start = 0
+    for end in rule.rounds():
+        sel = active.to(images.device)
+        out = backend.sample_logits(images[sel], end - start, noise[start:end][:, sel], return_attention=attention)
+        part, part_attn = (out if attention else (out, None))
+        if logits is None:
+            logits = part.new_full((rule.max_samples, b, part.shape[-1]), math.nan)
+        logits[start:end, sel] = part
+        if part_attn is not None:
+            if attn is None:
+                attn = part_attn.new_zeros((rule.max_samples, b, *part_attn.shape[2:]))
+            attn[start:end, sel] = part_attn
+        used[active] = end
+        if end == rule.max_samples:
+            break
+        done = settled(logits[:end, sel], cal, rule).cpu()
+        active = active[~done]
+        if active.numel() == 0:
+            break
+        start = end
+    assert logits is not None
+    return logits, attn, used
+
+
+def _summarize_by_count(logits: Tensor, used: Tensor, temperature: float) -> UncertaintySummary:
+    """``summarize`` of each image over its own first ``used[b]`` samples (images with equal counts together,
+    so each image's figures come from the same computation as a fixed-S call)."""
+    parts: dict[int, tuple[Tensor, UncertaintySummary]] = {}
+    for n in sorted(set(used.tolist())):
+        idx = (used == n).nonzero().flatten().to(logits.device)
+        parts[n] = (idx, summarize(logits[:n, idx], temperature))
+    b, c = logits.shape[1:]
+    out = UncertaintySummary(logits.new_empty(b, c), logits.new_empty(b), logits.new_empty(b), logits.new_empty(b),
+                             logits.new_empty(b, c))
+    for idx, s in parts.values():
+        for name in ("probs", "total", "aleatoric", "epistemic", "std"):
+            getattr(out, name)[idx] = getattr(s, name).to(logits.dtype)
+    return out
+
+
+def _check_num_samples(num_samples: object) -> None:
+    if num_samples == AUTO:
+        return
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1 or 'auto', got {num_samples!r}")
+
+
 @torch.no_grad()
-def predict(backend: SamplingBackend, images: Tensor, *, num_samples: int, seed: int | Sequence[int] | None = None,
-            calibration: Calibration | None = None, alpha: float | None = None, attention: bool = False,
-            pool: str = "cls") -> Prediction:
+def predict(backend: SamplingBackend, images: Tensor, *, num_samples: NumSamples,
+            seed: int | Sequence[int] | None = None, calibration: Calibration | None = None,
+            alpha: float | None = None, attention: bool = False, pool: str = "cls",
+            adaptive: AdaptiveSampling | None = None) -> Prediction:
     """Monte Carlo prediction with calibrated, decomposed uncertainty for a batch of preprocessed images.
 
     Args:
         backend: the PyTorch model or an ONNX Runtime predictor (see ``SamplingBackend``).
         images: (B, C, H, W) preprocessed images.
-        num_samples: S Monte Carlo samples per image, folded into one forward pass.
+        num_samples: S Monte Carlo samples per image, folded into one forward pass; or "auto": sample in rounds
+            and stop each image when its answer is settled (``adaptive``, see ``settled``).
         seed: one int for all images, one per image, or None to draw (the seeds are returned).
         calibration: temperature, conformal thresholds and decision rule; identity when None.
         alpha: miscoverage of the conformal set; None uses the smallest fitted alpha, no set if none fitted.
         attention: also compute attention maps and rollout (uses the explicit attention path).
         pool: the model's pooling, which decides whose attention row the maps show.
+        adaptive: the stopping rule of ``num_samples="auto"``; None uses ``AdaptiveSampling()``.
 
     Returns:
-        A ``Prediction`` for the batch.
+        A ``Prediction`` for the batch; ``num_samples`` says how many samples each image used.
+
+    Raises:
+        ValueError: a bad ``num_samples``, seed or alpha, or ``adaptive`` given with an integer ``num_samples``.
     """
     from calibration.conformal import prediction_sets
 
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    _check_num_samples(num_samples)
+    if adaptive is not None and num_samples != AUTO:
+        raise ValueError(f"adaptive is the rule of num_samples='auto'; got num_samples={num_samples!r}")
     cal = calibration or Calibration()
     seeds = resolve_seeds(seed, images.shape[0])
-    noise = draw_noise(backend, seeds, num_samples, device=images.device, dtype=images.dtype)
-    out = backend.sample_logits(images, num_samples, noise, return_attention=attention)
-    logits, attn = (out if attention else (out, None))
-    summary = summarize(logits, cal.temperature)
+    if num_samples == AUTO:
+        rule = adaptive or AdaptiveSampling()
+        noise = draw_noise(backend, seeds, rule.max_samples, device=images.device, dtype=images.dtype)
+        logits, attn, used = _adaptive_logits(backend, images, noise, cal, rule, attention)
+        logits = logits[:int(used.max())]
+        if attn is not None:
+            attn = attn[:int(used.max())]
+        summary = _summarize_by_count(logits, used, cal.temperature)
+        counts = used.tolist()
+    else:
+        assert isinstance(num_samples, int)
+        noise = draw_noise(backend, seeds, num_samples, device=images.device, dtype=images.dtype)
+        out = backend.sample_logits(images, num_samples, noise, return_attention=attention)
+        logits, attn = (out if attention else (out, None))
+        summary = summarize(logits, cal.temperature)
+        counts = [num_samples] * images.shape[0]
     sets, used_alpha = None, None
     if cal.conformal_thresholds:
         used_alpha = alpha if alpha is not None else min(float(k) for k in cal.conformal_thresholds)
@@ -258,5 +454,10 @@ def predict(backend: SamplingBackend, images: Tensor, *, num_samples: int, seed:
     accept, reasons = _decide(summary, cal)
     maps = rollout = None
     if attn is not None:
-        maps, rollout = attention_maps(attn, pool)
-    return Prediction(summary, logits, seeds, sets, used_alpha, accept, reasons, maps, rollout)
+        if num_samples == AUTO:
+            per_image = [attention_maps(attn[:n, i:i + 1], pool) for i, n in enumerate(counts)]
+            maps = torch.cat([m for m, _ in per_image])
+            rollout = torch.cat([r for _, r in per_image])
+        else:
+            maps, rollout = attention_maps(attn, pool)
+    return Prediction(summary, logits, seeds, sets, used_alpha, accept, reasons, counts, maps, rollout)

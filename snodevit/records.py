@@ -16,7 +16,9 @@ def prediction_records(pred: Prediction, class_names: list[str], top_k: int = 3)
 
     Keys: label, class_index, confidence (calibrated mean probability of the label), top_k (list of
     {label, class_index, probability}), uncertainty {total, aleatoric, epistemic, std}, prediction_set (labels, or
-    None without conformal calibration), alpha, decision ("accept" | "review"), reason, seed, num_samples.
+    None without conformal calibration), alpha, decision ("accept" | "review"), reason, seed, num_samples (the
+    Monte Carlo samples this image's answer used: the requested S, or with ``num_samples="auto"`` as many as the
+    adaptive rule drew).
     ``std`` is the standard deviation over samples of the predicted class's probability.
     """
     s = pred.summary
@@ -39,7 +41,7 @@ def prediction_records(pred: Prediction, class_names: list[str], top_k: int = 3)
             "decision": "accept" if bool(pred.accept[b]) else "review",
             "reason": pred.reasons[b],
             "seed": pred.seeds[b],
-            "num_samples": int(pred.logits.shape[0]),
+            "num_samples": int(pred.num_samples[b]),  # samples this image used (adaptive: fewer)
         }
         records.append(rec)
     return records

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import IMAGE_EXTENSIONS
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, Preprocessing, load_image_file, preprocess
+from .inference import AUTO
 from .loading import LoadedModel
 from .records import prediction_records
 
@@ -371,7 +372,7 @@ def error_row(path: str, error: str, detail: str, true_label: str | None) -> dic
 class ScoreSettings:
     """How a run scores; everything but ``batch_size`` and ``workers`` changes the numbers."""
 
-    num_samples: int = 8  # S Monte Carlo samples per image
+    num_samples: int | Literal["auto"] = 8  # S Monte Carlo samples per image, or "auto" (adaptive, at most 32)
     seed: int = 0  # noise seed of every image: same image + seed -> same answer (as the service's ``seed``)
     top_k: int = 3  # classes listed in ``top_k``
     alpha: float | None = None  # conformal miscoverage; None: the smallest fitted alpha
@@ -381,7 +382,9 @@ class ScoreSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images become ``too_many_pixels`` rows
 
     def __post_init__(self) -> None:
-        for name in ("num_samples", "top_k", "batch_size", "max_bytes", "max_pixels"):
+        if self.num_samples != AUTO and (not isinstance(self.num_samples, int) or self.num_samples < 1):
+            raise ScoreError(f"num_samples must be an integer >= 1 or 'auto', got {self.num_samples!r}")
+        for name in ("top_k", "batch_size", "max_bytes", "max_pixels"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ScoreError(f"{name} must be an integer >= 1, got {value!r}")

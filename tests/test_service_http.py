@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from service.testing import prepare_service
+from snodevit.records import prediction_records
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")]
@@ -90,6 +91,32 @@ def test_same_seed_same_json(client) -> None:
     again = client.post("/classify", files={"image": ("a.png", DIGIT_7, "image/png")},
                         data={"seed": str(drawn["seed"])}).json()
     assert without_timing(again) == without_timing(drawn)
+
+
+def test_num_samples_auto_reports_the_samples_used(client, prepared) -> None:
+    from snodevit.images import decode_image, normalize, to_uint8_tensor
+    from snodevit.loading import open_model
+    from snodevit.store import resolve
+
+    auto = client.post("/classify", files={"image": ("a.png", DIGIT_7, "image/png")},
+                       data={"seed": "6", "num_samples": "auto"})
+    raw = client.post("/classify?seed=6&num_samples=AUTO", content=DIGIT_7, headers={"Content-Type": "image/png"})
+    assert auto.status_code == raw.status_code == 200
+    body = auto.json()
+    assert without_timing(body) == without_timing(raw.json())
+    assert 8 <= body["num_samples"] <= 32  # rounds of 8 up to SNODEVIT_AUTO_MAX_SAMPLES (default 32)
+    loaded = open_model(resolve(prepared.tag), device="cpu")
+    x = normalize(to_uint8_tensor(decode_image(DIGIT_7), loaded.preprocessing), loaded.preprocessing)[None]
+    plain = prediction_records(loaded.predict(x, num_samples=body["num_samples"], seed=[6]), loaded.class_names, 3)[0]
+    assert (body["label"], body["decision"]) == (plain["label"], plain["decision"])
+    assert body["confidence"] == pytest.approx(plain["confidence"], abs=1e-5)
+    assert client.get("/metadata").json()["limits"]["num_samples_auto_max"] == 32
+    files = [("images", (f"{i}.png", d, "image/png")) for i, d in enumerate([DIGIT_7, DIGIT_2])]
+    batch = client.post("/classify_batch", data={"seed": "6", "num_samples": "auto"}, files=files)
+    assert batch.status_code == 200
+    first = batch.json()["results"][0]
+    assert (first["label"], first["decision"], first["num_samples"]) == (body["label"], body["decision"],
+                                                                         body["num_samples"])
 
 
 def test_classify_batch(client) -> None:

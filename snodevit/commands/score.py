@@ -10,7 +10,8 @@ INPUT forms:
 
 Each row holds the answer of the HTTP service for that image with the same --seed and --num-samples
 (snodevit.records.prediction_records): label, class_index, confidence, top_k, uncertainty_total /
-_aleatoric / _epistemic (nats), uncertainty_std, prediction_set, alpha, decision, reason, seed, num_samples,
+_aleatoric / _epistemic (nats), uncertainty_std, prediction_set, alpha, decision, reason, seed, num_samples
+(the samples that image used: with --num-samples auto, as many as the adaptive rule drew),
 plus path, true_label and error / error_detail (empty when the image was scored). In CSV, top_k and
 prediction_set are JSON text. A file that cannot be read or decoded becomes a row with its error. The numbers
 are bit-identical to a lone request at --batch-size 1; images sharing a batch differ from it by float32
@@ -47,6 +48,15 @@ def _non_negative_int(text: str) -> int:
     return v
 
 
+def _num_samples(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {text!r}") from None
+
+
 def _unit_interval(text: str) -> float:
     try:
         v = float(text)
@@ -68,7 +78,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     add_device_flag(p)
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--num-samples", type=positive_int, default=8, help="Monte Carlo samples per image (default 8)")
+    p.add_argument("--num-samples", type=_num_samples, default=8,
+                   help="Monte Carlo samples per image, or 'auto': rounds of 8 until the label, decision and "
+                        "uncertainty are settled, at most 32; the num_samples column says how many (default 8)")
     p.add_argument("--seed", type=_non_negative_int, default=0,
                    help="noise seed of every image, as the service's `seed` (default 0)")
     p.add_argument("--top-k", type=positive_int, default=3, help="classes listed in top_k (default 3)")
