@@ -46,6 +46,7 @@ import shlex
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -401,11 +402,11 @@ def run_pool(fn: Callable[[Any], dict[str, Any]], jobs: Sequence[Any], workers: 
             for job in jobs:
                 results.append(fn(job))
                 bar.update(1)
-        else:
+        else:  # not multiprocessing.Pool: its daemonic workers may not start DataLoader workers
             ctx = mp.get_context("spawn")
-            with ctx.Pool(min(workers, len(jobs))) as pool:
-                for r in pool.imap_unordered(fn, jobs):
-                    results.append(r)
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+                for future in as_completed([pool.submit(fn, job) for job in jobs]):
+                    results.append(future.result())
                     bar.update(1)
     finally:
         bar.close()
@@ -756,6 +757,7 @@ def run_benchmark(budget: Budget, *, device: str, jobs: int, runs: Path, out: Pa
         "summary": summary, "cost": cost, "goals": goal_check(summary, cost, sde_names, ensemble),
         "runs": per_run,
         "trained": sum(not t["reused"] for t in trained), "reused": sum(t["reused"] for t in trained),
+        "training": sorted(trained, key=lambda t: (t["kind"], t["seed"])),
         "seconds": {"train": train_seconds, "evaluate": eval_seconds, "cost": cost_seconds,
                     "total": time.perf_counter() - started},
     }
