@@ -79,7 +79,10 @@ class CalibrateConfig:
     alphas: tuple[float, ...] = (0.05, 0.1)  # miscoverage levels of the conformal sets, each in (0, 1)
     target_risk: float = 0.02  # error rate among automatically accepted images the decision threshold aims at
     decision_score: DecisionScore = "confidence"  # the score the accept/review rule thresholds
-    conformal_score: ConformalScore = "aps"  # non-conformity score of the prediction sets
+    # Non-conformity score of the prediction sets. LAC (1 - p_y; Sadinle et al. 2019) gives the smallest sets and
+    # near-exact coverage; deterministic APS over-covers a confident model badly (the demo model: 100 % coverage
+    # and 2.3 classes per set at alpha 0.05, because the true class's cumulative mass is ~1 for every image).
+    conformal_score: ConformalScore = "lac"
     seed: int = 0  # image i of every pass is seeded with seed + i
     batch_size: int = 64  # images per forward pass
     n_bins: int = 15  # equal-width bins of ECE, MCE, class-wise ECE and the reliability diagram

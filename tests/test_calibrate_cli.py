@@ -99,7 +99,7 @@ def test_stored_calibration_is_what_open_model_reads_back(run: dict[str, Any]) -
     c = open_model(run["model"]).calibration
     assert c.to_dict() == meta["calibration"]
     assert c.temperature == h["temperature"] and c.temperature != 1.0
-    assert sorted(c.conformal_thresholds) == ["0.05", "0.1"] and c.conformal_score == "aps"
+    assert sorted(c.conformal_thresholds) == ["0.05", "0.1"] and c.conformal_score == "lac"
     assert c.decision_score == "confidence" and c.target_risk == TARGET_RISK
     assert c.decision_threshold is not None and 0.0 < c.decision_threshold <= 1.0
     assert meta["calibration_figures"] == h
@@ -114,7 +114,7 @@ def test_fit_equals_the_calibration_package_on_independently_collected_logits(
     assert c.temperature == pytest.approx(t, rel=1e-6)
     probs = cal.apply_temperature(logits.double(), t)
     for alpha in (0.05, 0.1):
-        assert c.threshold_for(alpha) == pytest.approx(cal.fit_conformal_threshold(probs, labels, alpha, "aps"),
+        assert c.threshold_for(alpha) == pytest.approx(cal.fit_conformal_threshold(probs, labels, alpha, c.conformal_score),
                                                        abs=1e-6)
     conf = probs.max(dim=1)
     rule = cal.fit_selective_threshold(conf.values, conf.indices == labels, TARGET_RISK)
@@ -129,9 +129,9 @@ def test_fit_equals_the_calibration_package_on_independently_collected_logits(
         cal.expected_calibration_error(test_probs, test_labels, n_bins=15), abs=1e-6)
     assert m["calibration"]["before"]["ece"] == pytest.approx(
         cal.expected_calibration_error(raw_probs, test_labels, n_bins=15), abs=1e-6)
-    # set membership sits on a threshold near 1 (APS): compare on the float32 probabilities the service computes
+    # set membership can sit on a threshold near 1: compare on the float32 probabilities the service computes
     served = summarize(independent["test_logits"], t).probs
-    sets = cal.prediction_sets(served, c.threshold_for(0.1), "aps")
+    sets = cal.prediction_sets(served, c.threshold_for(0.1), c.conformal_score)
     assert m["conformal"]["alpha=0.1"]["coverage"] == pytest.approx(cal.conformal_coverage(sets, test_labels)[0])
 
 
