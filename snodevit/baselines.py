@@ -21,6 +21,7 @@ References:
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,8 @@ from .config import SNodeViTConfig
 from .model import SNodeViT
 
 __all__ = ["DeepEnsemble", "DiffusionOff", "MCDropout"]
+
+logger = logging.getLogger(__name__)
 
 _SEED_WIDTH = 2  # standard normals per (sample, image) of MC-dropout "noise": only their bits are used, as a seed
 
@@ -81,6 +84,8 @@ class MCDropout:
         self.dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
         self._gens: list[torch.Generator] | None = None
         self._shape: tuple[int, int] = (0, 0)
+        self._ran: set[int] = set()  # dropout layers run during the current sample_logits call
+        self._warned = False
         for m in self.dropouts:
             m.register_forward_hook(self._hook)
 
@@ -95,6 +100,7 @@ class MCDropout:
     def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
         if self._gens is None or module.training:  # outside sample_logits, or training: nn.Dropout's own behaviour
             return None
+        self._ran.add(id(module))
         p = float(module.p)  # type: ignore[attr-defined]
         if p == 0.0:
             return None
@@ -130,10 +136,19 @@ class MCDropout:
         device = images.device
         self._gens = [torch.Generator(device=device).manual_seed(_image_seed(noise[:, i])) for i in range(b)]
         self._shape = (s, b)
+        self._ran = set()
         try:
-            return self.model.sample_logits(images, s, return_attention=return_attention)
+            out = self.model.sample_logits(images, s, return_attention=return_attention)
         finally:
             self._gens = None
+        skipped = [name for name, m in self.model.named_modules()
+                   if isinstance(m, nn.Dropout) and m.p > 0 and id(m) not in self._ran]
+        if skipped and not self._warned:
+            self._warned = True
+            logger.warning("MC dropout: %d dropout layer(s) did not run at inference (%s); an eval-mode path that "
+                           "skips them makes the samples less diverse than training", len(skipped),
+                           ", ".join(skipped[:4]))
+        return out
 
 
 class DeepEnsemble:

@@ -65,6 +65,7 @@ class SNodeViTConfig:
     num_steps: int = 2  # solver steps K per block over t in [0, 1]
     noise_dim: int = 8  # m: width of the low-rank diffusion subspace; 0 turns the model into a deterministic ODE ViT
     diffusion_scale: float = 1.0  # upper bound of the diffusion gate sigma(t); 0.1 gave 30x smaller epistemic spread at equal accuracy
+    ood_diffusion_scale: float = 0.0  # SDE-Net: > 0 scales every block's noise by this * c(x), c(x) in (0, 1) a per-image magnitude; 0 = off
     time_embed_dim: int = 32  # sinusoidal embedding width of t fed to the TimeNet
     time_hidden_dim: int = 64  # hidden width of each block's TimeNet
     dropout: float = 0.0  # dropout on attention output and MLP (0 for the SDE model; used by the MC-dropout baseline)
@@ -93,6 +94,11 @@ class SNodeViTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.mlp_ratio <= 0 or self.diffusion_scale < 0 or self.ksvd_loss_weight < 0:
             raise ValueError("mlp_ratio must be > 0, diffusion_scale and ksvd_loss_weight >= 0")
+        if not (isinstance(self.ood_diffusion_scale, (int, float)) and math.isfinite(self.ood_diffusion_scale)
+                and self.ood_diffusion_scale >= 0):
+            raise ValueError(f"ood_diffusion_scale must be a finite number >= 0, got {self.ood_diffusion_scale!r}")
+        if self.ood_diffusion_scale > 0 and self.noise_dim == 0:
+            raise ValueError("ood_diffusion_scale > 0 scales the diffusion, so it needs noise_dim > 0, got noise_dim=0")
 
     @property
     def grid_size(self) -> int:
@@ -124,6 +130,11 @@ class SNodeViTConfig:
     def stochastic(self) -> bool:
         """True when the blocks carry a diffusion term."""
         return self.noise_dim > 0
+
+    @property
+    def ood_diffusion(self) -> bool:
+        """True when the diffusion magnitude depends on the image (SDE-Net style, ``ood_diffusion_scale > 0``)."""
+        return self.ood_diffusion_scale > 0
 
     def noise_shape(self, batch_size: int, num_samples: int = 1) -> tuple[int, ...]:
         """Shape of the noise of ``num_samples`` samples of ``batch_size`` images: (S, B, depth, K, N, m)."""

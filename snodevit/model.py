@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import SNodeViTConfig, get_config
-from .sde import SDEBlock
+from .sde import DiffusionMagnitude, SDEBlock
 
 
 class ForwardAux(NamedTuple):
@@ -56,6 +56,8 @@ class SNodeViT(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
         self._init_weights()
+        # after _init_weights, which would overwrite its starting bias
+        self.diffusion_head = DiffusionMagnitude(cfg.dim) if cfg.ood_diffusion else None
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -96,6 +98,46 @@ class SNodeViT(nn.Module):
             raise ValueError(f"noise must have shape (S, B, depth, K, N, m) = {want} for this input, "
                              f"got {tuple(noise.shape)}")
 
+    # ----------------------------------------------------------------------------------------------- SDE-Net
+    def diffusion_magnitude(self, tokens: Tensor) -> Tensor | None:
+        """Per-image noise multiplier ``ood_diffusion_scale * c(x)``, (B,), from embedded tokens (B, N, D);
+        None when the diffusion does not depend on the image."""
+        if self.diffusion_head is None:
+            return None
+        return self.cfg.ood_diffusion_scale * torch.sigmoid(self.diffusion_head(tokens))
+
+    def ood_diffusion_loss(self, images: Tensor, ood_images: Tensor) -> Tensor:
+        """SDE-Net's diffusion loss: BCE(c(x), 0) on ``images`` plus BCE(c(x'), 1) on ``ood_images``.
+
+        The tokens are computed without gradient and with the stem's batch norm in eval mode, so the perturbed
+        images never enter its running statistics; only the magnitude head learns from this loss.
+
+        Args:
+            images: (B, C, H, W) training images (target: small diffusion).
+            ood_images: (B', C, H, W) perturbed or out-of-distribution images (target: large diffusion).
+
+        Returns:
+            Scalar loss (mean BCE of each group, summed).
+
+        Raises:
+            ValueError: when the model has no magnitude head (``ood_diffusion_scale == 0``).
+        """
+        if self.diffusion_head is None:
+            raise ValueError("ood_diffusion_loss needs a model with ood_diffusion_scale > 0")
+        self._check_input(images)
+        self._check_input(ood_images)
+        was_training = self.stem.training
+        self.stem.eval()
+        try:
+            with torch.no_grad():
+                tokens = self.embed(torch.cat((images, ood_images)))  # (B + B', N, D)
+        finally:
+            self.stem.train(was_training)
+        logits = self.diffusion_head(tokens).float()  # (B + B',)
+        b = images.shape[0]
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        return bce(logits[:b], torch.zeros_like(logits[:b])) + bce(logits[b:], torch.ones_like(logits[b:]))
+
     # ----------------------------------------------------------------------------------------------- forward
     def embed(self, images: Tensor) -> Tensor:
         """Deterministic prefix: stem, class token, position embedding. (B, C, H, W) -> (B, N, D)."""
@@ -132,7 +174,13 @@ class SNodeViT(nn.Module):
             noise = self.draw_noise(b, 1, generator)[0]
         elif noise is not None:
             self._check_noise(noise.unsqueeze(0), b, 1)
-        tokens, aux = self.integrate(self.embed(images), noise if self.cfg.stochastic else None, need_weights)
+        tokens = self.embed(images)
+        if not self.cfg.stochastic:
+            noise = None
+        scale = self.diffusion_magnitude(tokens) if noise is not None else None
+        if scale is not None:
+            noise = noise * scale.view(b, 1, 1, 1, 1).to(noise.dtype)  # (B, depth, K, N, m)
+        tokens, aux = self.integrate(tokens, noise, need_weights)
         return (tokens, aux) if return_aux else tokens
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
@@ -180,6 +228,9 @@ class SNodeViT(nn.Module):
             self._check_noise(noise, b, num_samples)
             s = noise.shape[0]
         tokens = self.embed(images)  # (B, N, D), computed once for all samples
+        scale = self.diffusion_magnitude(tokens) if noise is not None else None
+        if scale is not None and noise is not None:
+            noise = noise * scale.view(1, b, 1, 1, 1, 1).to(noise.dtype)  # (S, B, depth, K, N, m)
         n, d = tokens.shape[1:]
         tokens = tokens.unsqueeze(0).expand(s, b, n, d).reshape(s * b, n, d)  # (S*B, N, D)
         folded = noise.reshape(s * b, *noise.shape[2:]) if (noise is not None and self.cfg.stochastic) else None

@@ -4,6 +4,12 @@ Each block integrates ``dX = f(X, t) dt + G(X, t) dW`` over t in [0, 1] in K fix
 ``f`` is a pre-norm attention + MLP update modulated by the TimeNet and the diffusion acts in a learned
 low-rank subspace: ``G(X, t) dW = (sigma(t) * s(X) * dW) U`` with ``dW`` of width m << D per token.
 
+Optionally (``ood_diffusion_scale > 0``) the diffusion also depends on the image as a whole, as in SDE-Net: a
+small head (:class:`DiffusionMagnitude`) reads the embedded tokens and gives a per-image magnitude c(x) in
+(0, 1) that scales the noise of every block by ``ood_diffusion_scale * c(x)``. Trained with a binary cross-entropy
+term to be small on training images and large on perturbed ones, it makes the samples spread (mutual information
+grow) off the training distribution while staying nearly deterministic on it.
+
 The Brownian increments are an input: ``noise`` holds standard normals ``xi`` and ``dW = sqrt(dt) * xi``
 (torchsde lets callers pass their own Brownian motion for the same reason). Zero noise gives the deterministic
 ODE path. With K = 1, Euler and zero noise, a block is exactly a pre-norm transformer block.
@@ -59,6 +65,30 @@ def check_solver(solver: str, noise_type: str) -> SolverSpec:
     if noise_type not in spec.noise_types:
         raise ValueError(f"solver {solver!r} does not support noise type {noise_type!r}; it supports {spec.noise_types}")
     return spec
+
+
+class DiffusionMagnitude(nn.Module):
+    """SDE-Net's data-dependent diffusion: the logit of a per-image magnitude c(x) from the embedded tokens.
+
+    Per token LayerNorm -> Linear(D, D) -> GELU, the mean over tokens, then Linear(D, 1). It reads the tokens
+    detached, so only this head (not the stem) is shaped by what trains it; the final bias starts at
+    ``init_logit`` (c = sigmoid(-4) = 0.018), so training starts with little noise everywhere.
+
+    References:
+        Kong et al. "SDE-Net: Equipping Deep Neural Networks with Uncertainty Estimates." ICML 2020.
+    """
+
+    def __init__(self, dim: int, init_logit: float = -4.0) -> None:
+        super().__init__()
+        self.token_mlp = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, dim), nn.GELU())
+        self.out = nn.Linear(dim, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.constant_(self.out.bias, init_logit)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens (B, N, D) -> logits (B,) of c(x); c(x) = sigmoid(logit)."""
+        h = self.token_mlp(tokens.detach()).mean(dim=1)  # (B, D)
+        return self.out(h).squeeze(-1)
 
 
 class BlockAux(NamedTuple):

@@ -2,13 +2,21 @@
 
 Mixed precision (bf16 autocast) and pinned memory are used only when CUDA is present. The best checkpoint
 or the final one (``TrainConfig.keep``) is written atomically as safetensors + JSON.
+
+With ``TrainConfig.ood_diffusion_weight > 0`` (a model built with ``ood_diffusion_scale > 0``) the loss adds
+SDE-Net's diffusion term: a binary cross-entropy that drives the per-image diffusion magnitude towards 0 on the
+training batch and towards 1 on the same images plus Gaussian noise of std ``ood_noise_std`` at several spatial
+scales (:func:`ood_perturb`).
+
+References:
+    Kong et al. "SDE-Net: Equipping Deep Neural Networks with Uncertainty Estimates." ICML 2020.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -24,6 +32,10 @@ from .checkpoint import save_model
 from .model import SNodeViT
 
 log = logging.getLogger(__name__)
+
+_SYNC_EVERY = 16  # optimiser steps between reads of the running loss (and the divergence check) on the host
+#: Grid sides of the SDE-Net perturbation noise as fractions of the image side (28 px: 1, 2, 4, 7 and 28 cells).
+OOD_NOISE_SCALES: tuple[float, ...] = (0.0, 1 / 14, 1 / 7, 1 / 4, 1.0)
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,8 @@ class TrainConfig:
     seed: int = 0  # seeds weights init order, shuffling, augmentation and the training noise
     keep: str = "last"  # checkpoint to keep: "last" epoch, or "best" validation accuracy (biased if validating on calibration data)
     num_workers: int = 1  # DataLoader workers; 1 keeps augmentation single-threaded (tiny ops spin on 2 threads)
+    ood_diffusion_weight: float = 0.0  # SDE-Net: weight of the BCE that trains the diffusion magnitude; 0 = off
+    ood_noise_std: float = 2.0  # SDE-Net: std (normalised units) of the Gaussian noise making the perturbed images
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -49,6 +63,10 @@ class TrainConfig:
             raise ValueError(f"keep must be 'last' or 'best', got {self.keep!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.ood_diffusion_weight) and self.ood_diffusion_weight >= 0):
+            raise ValueError(f"ood_diffusion_weight must be a finite number >= 0, got {self.ood_diffusion_weight}")
+        if not (math.isfinite(self.ood_noise_std) and self.ood_noise_std > 0):
+            raise ValueError(f"ood_noise_std must be a finite number > 0, got {self.ood_noise_std}")
 
 
 @dataclass
@@ -69,6 +87,33 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def ood_perturb(images: Tensor, std: float, generator: torch.Generator | None = None) -> Tensor:
+    """SDE-Net's out-of-distribution inputs: the images plus Gaussian noise, here at several spatial scales.
+
+    The batch is split into ``len(OOD_NOISE_SCALES)`` consecutive chunks; chunk j gets standard normal noise
+    drawn on a g x g grid, g = ``OOD_NOISE_SCALES[j]`` (a fraction of the image side: 1 grid cell is one offset
+    for the whole image, the last scale is one value per pixel, as in SDE-Net), upsampled bilinearly to the
+    image size and multiplied by ``std``. Pixel noise alone taught the magnitude head "high-frequency noise is
+    out of distribution" and left smooth inputs (photographs) looking in-distribution; the coarse scales cover them.
+
+    Args:
+        images: (B, C, H, W) normalised images.
+        std: noise standard deviation in normalised units.
+        generator: seeds the noise (on the images' device).
+
+    Returns:
+        (B, C, H, W) perturbed images.
+    """
+    h, w = images.shape[-2:]
+    parts = []
+    for frac, chunk in zip(OOD_NOISE_SCALES, images.chunk(len(OOD_NOISE_SCALES))):
+        g = max(1, round(frac * min(h, w)))
+        z = torch.randn((chunk.shape[0], chunk.shape[1], g, g), generator=generator, device=images.device,
+                        dtype=images.dtype)
+        parts.append(chunk + std * F.interpolate(z, size=(h, w), mode="bilinear", align_corners=False))
+    return torch.cat(parts)
 
 
 def lr_at(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -113,6 +158,9 @@ def train_model(model: SNodeViT, train_set: Dataset, val_set: Dataset, tc: Train
     Returns:
         The best validation accuracy, its epoch, the wall time and per-epoch history.
     """
+    if tc.ood_diffusion_weight > 0 and not model.cfg.ood_diffusion:
+        raise ValueError(f"ood_diffusion_weight={tc.ood_diffusion_weight} trains the diffusion magnitude head, which "
+                         "this model lacks; build it with ood_diffusion_scale > 0")
     device = torch.device(device)
     torch.manual_seed(tc.seed)
     cuda = device.type == "cuda"
@@ -134,29 +182,41 @@ def train_model(model: SNodeViT, train_set: Dataset, val_set: Dataset, tc: Train
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     for epoch in range(1, tc.epochs + 1):
         model.train()
-        loss_sum, reg_sum, correct, seen = 0.0, 0.0, 0, 0
-        for images, labels in train_loader:
+        # running sums stay on the device: reading them every step would wait for the GPU four times a step,
+        # which costs most when several training processes share one GPU
+        sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, regulariser, correct, SDE-Net BCE
+        finite = torch.ones((), device=device, dtype=torch.bool)
+        seen = 0
+        for step, (images, labels) in enumerate(train_loader, start=1):
             images = images.to(device, non_blocking=cuda)
             labels = labels.to(device, non_blocking=cuda)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
                 logits, reg = model.forward_train(images, generator=noise_gen)
                 ce = F.cross_entropy(logits.float(), labels, label_smoothing=tc.label_smoothing)
                 loss = ce + reg
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training diverged at epoch {epoch} (loss={loss.item()}); lower --lr")
+                bce = torch.zeros((), device=device)
+                if tc.ood_diffusion_weight > 0:  # SDE-Net: small diffusion on these images, large on perturbed ones
+                    bce = model.ood_diffusion_loss(images, ood_perturb(images, tc.ood_noise_std, noise_gen))
+                    loss = loss + tc.ood_diffusion_weight * bce
+            finite &= torch.isfinite(loss.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             opt.step()
             sched.step()
-            loss_sum += ce.item() * labels.numel()
-            reg_sum += float(reg.detach()) * labels.numel()
-            correct += (logits.argmax(-1) == labels).sum().item()
-            seen += labels.numel()
+            n = labels.numel()
+            sums += torch.stack((ce.detach().double() * n, reg.detach().double() * n,
+                                 (logits.detach().argmax(-1) == labels).sum().double(), bce.detach().double() * n))
+            seen += n
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            if step % _SYNC_EVERY == 0 or step == steps_per_epoch:
+                loss_sum, reg_sum, correct, bce_sum = sums.tolist()
+                if not bool(finite):
+                    raise FloatingPointError(f"training diverged at epoch {epoch} (loss={loss.item()}); lower --lr")
+                bar.set_postfix(epoch=epoch, loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         val_acc, val_nll = evaluate_accuracy(model, val_loader, device, seed=tc.seed)
         row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_reg": reg_sum / seen,
+               **({"train_ood_bce": bce_sum / seen} if tc.ood_diffusion_weight > 0 else {}),
                "train_accuracy": correct / seen, "val_accuracy": val_acc, "val_nll": val_nll,
                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
         result.history.append(row)

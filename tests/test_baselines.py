@@ -95,8 +95,9 @@ def test_mc_dropout_masks_match_dropouts_rate_and_scale() -> None:
     model = _model(dropout=0.25)
     mc = MCDropout(model)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    first = mc.dropouts[0]
-    first.register_forward_hook(lambda mod, inp, out: seen.append((inp[0], out)))  # runs after the mask hook
+    hidden = model.blocks[0].mlp[2]  # the dropout on the MLP's hidden layer
+    assert hidden in mc.dropouts
+    hidden.register_forward_hook(lambda mod, inp, out: seen.append((inp[0], out)))  # runs after the mask hook
     mc.sample_logits(_images(4), 8, generator=torch.Generator().manual_seed(0))
     x, y = seen[0]
     kept = y != 0
@@ -105,6 +106,23 @@ def test_mc_dropout_masks_match_dropouts_rate_and_scale() -> None:
     # outside sample_logits the hooks are inert: a plain eval forward is deterministic
     with torch.no_grad():
         assert torch.equal(model(_images(2)), model(_images(2)))
+
+
+@pytest.mark.parametrize("attention", ["ksvd", "softmax"])
+def test_mc_dropout_reaches_every_dropout_layer(attention: str) -> None:
+    """Every layer that dropped units in training drops them at test time (no inference path may skip one)."""
+    model = _model(dropout=0.1, attention=attention)
+    mc = MCDropout(model)
+    calls = {id(m): 0 for m in mc.dropouts}
+
+    def count(mod: nn.Module, inp: Any, out: Any) -> None:
+        calls[id(mod)] += 1
+
+    for m in mc.dropouts:
+        m.register_forward_hook(count)
+    mc.sample_logits(_images(2), 3, generator=torch.Generator().manual_seed(0))
+    assert len(mc.dropouts) == 3 * model.cfg.depth  # attention output, MLP hidden, MLP output per block
+    assert all(n > 0 for n in calls.values()), calls
 
 
 def test_mc_dropout_argument_checks() -> None:

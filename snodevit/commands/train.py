@@ -36,11 +36,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--diffusion-scale", type=float, default=None, help="upper bound of the diffusion gate sigma(t)")
     p.add_argument("--pool", choices=POOL_TYPES, default=None)
     p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--ood-diffusion-weight", type=float, default=0.0,
+                   help="SDE-Net: weight of the BCE that trains a per-image diffusion magnitude to stay small on the "
+                        "training images and grow on noise-perturbed ones (0, the default, trains without it)")
+    p.add_argument("--ood-diffusion-scale", type=float, default=None,
+                   help=f"SDE-Net: largest noise multiplier of that magnitude (default {DEFAULT_OOD_DIFFUSION_SCALE:g} "
+                        "when --ood-diffusion-weight > 0)")
     p.add_argument("--image-size", type=positive_int, default=None, help="resize images (image folders, CIFAR)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_flag(p)
     add_json_flag(p)
     p.set_defaults(func=run)
+
+
+#: ``--ood-diffusion-scale`` when only ``--ood-diffusion-weight`` is given (the uncertainty benchmark's setting).
+DEFAULT_OOD_DIFFUSION_SCALE = 20.0
 
 
 def model_overrides_for(prep_size: int, channels: int, num_classes: int) -> dict:
@@ -61,12 +71,17 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
+    if args.ood_diffusion_scale is not None:
+        overrides["ood_diffusion_scale"] = args.ood_diffusion_scale
+    elif args.ood_diffusion_weight > 0:
+        overrides["ood_diffusion_scale"] = DEFAULT_OOD_DIFFUSION_SCALE
     if args.variant == "tiny" and args.num_steps is None:
         overrides["num_steps"] = 1  # the demo budget: one Euler-Maruyama step per block (see README)
     cfg = get_config(args.variant, **overrides)
     torch.manual_seed(args.seed)
     model = SNodeViT(cfg)
-    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, keep=args.keep)
+    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, keep=args.keep,
+                     ood_diffusion_weight=args.ood_diffusion_weight)
     meta = {"class_names": bundle.class_names, "preprocessing": prep.to_dict(), "data": bundle.spec,
             "variant": args.variant}
     if not args.json:
