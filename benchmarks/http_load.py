@@ -1,7 +1,12 @@
-"""Closed-loop HTTP load against a running snodevit server: requests/s and exact latency percentiles.
+"""Closed-loop load against a snodevit server (or any async callable): requests/s and exact latency percentiles.
 
 Each of ``--concurrency`` workers sends one /classify request, waits for the answer, and sends the next, for
-``--requests`` requests in all (after ``--warmup`` discarded ones). Only loopback addresses are accepted.
+``--requests`` requests in all (after ``--warmup`` discarded ones). Percentiles are computed from every latency
+(numpy, linear interpolation), not from histogram buckets. Only loopback addresses are accepted.
+
+``closed_loop`` drives any ``send()`` coroutine, so ``benchmarks/bench.py`` runs the same loop against the HTTP
+server and against the service engine called in-process; ``serve`` starts a real ``bentoml serve`` and stops it
+(with every process it started) afterwards.
 
 Usage::
 
@@ -13,18 +18,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
+import os
+import signal
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-import httpx
 import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# send() -> (HTTP status, images in the forward pass that answered it, or None when unknown)
+Send = Callable[[], Awaitable[tuple[int, int | None]]]
 
 
 def _check_loopback(url: str) -> None:
@@ -34,44 +49,205 @@ def _check_loopback(url: str) -> None:
         raise SystemExit(f"refusing to load {host} ({addr}): this benchmark only targets loopback addresses")
 
 
-async def _run(url: str, image: bytes, num_samples: int, concurrency: int, requests: int, warmup: int) -> dict:
+def latency_figures(latencies_s: list[float]) -> dict[str, float]:
+    """Exact p50/p90/p95/p99 and mean of latencies given in seconds, in milliseconds."""
+    lat = np.asarray(latencies_s, dtype=np.float64) * 1000.0
+    if lat.size == 0:
+        return {k: float("nan") for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms")}
+    return {"p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
+            "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
+            "mean_ms": float(lat.mean())}
+
+
+async def closed_loop(send: Send, concurrency: int, requests: int, warmup: int) -> dict:
+    """``concurrency`` workers call ``send`` back to back; the first ``warmup`` calls are not measured.
+
+    Returns:
+        requests, requests_per_s over the measured part, latency percentiles, mean batch size, statuses.
+    """
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     batch_sizes: list[int] = []
     counter = {"left": warmup + requests}
+    measured_start: list[float] = []
+
+    async def worker() -> None:
+        while counter["left"] > 0:
+            counter["left"] -= 1
+            measured = counter["left"] < requests
+            t0 = time.perf_counter()
+            if measured and not measured_start:
+                measured_start.append(t0)
+            status, batch = await send()
+            dt = time.perf_counter() - t0
+            if measured:
+                latencies.append(dt)
+                statuses[status] += 1
+                if batch is not None:
+                    batch_sizes.append(batch)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - (measured_start[0] if measured_start else time.perf_counter())
+    return {"concurrency": concurrency, "requests": len(latencies),
+            "requests_per_s": len(latencies) / wall if wall > 0 else 0.0, **latency_figures(latencies),
+            "mean_batch_size": statistics.fmean(batch_sizes) if batch_sizes else float("nan"),
+            "statuses": {str(k): v for k, v in sorted(statuses.items())}}
+
+
+async def http_load(url: str, image: bytes, num_samples: int | str, concurrency: int, requests: int,
+                    warmup: int, seed: int = 0) -> dict:
+    """Closed-loop /classify load over HTTP (one connection per worker, kept alive)."""
+    import httpx
+
+    _check_loopback(url)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits) as client:
-        async def worker() -> None:
-            while counter["left"] > 0:
-                counter["left"] -= 1
-                measured = counter["left"] < requests
-                t0 = time.perf_counter()
+        async def send() -> tuple[int, int | None]:
+            try:
                 r = await client.post("/classify", files={"image": ("x.png", image, "image/png")},
-                                      data={"num_samples": str(num_samples), "seed": "0"})
-                dt = time.perf_counter() - t0
-                if measured:
-                    latencies.append(dt)
-                    statuses[r.status_code] += 1
-                    if r.status_code == 200:
-                        batch_sizes.append(int(r.json()["timing"]["batch_size"]))
+                                      data={"num_samples": str(num_samples), "seed": str(seed)})
+            except httpx.HTTPError:
+                return 599, None  # no answer at all (connection refused/reset, timeout)
+            batch = int(r.json()["timing"]["batch_size"]) if r.status_code == 200 else None
+            return r.status_code, batch
 
-        t_start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t_start
-    lat = np.array(latencies) * 1000
-    return {"concurrency": concurrency, "num_samples": num_samples, "requests": len(latencies),
-            "requests_per_s": len(latencies) / wall if wall else 0.0,
-            "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
-            "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
-            "mean_batch_size": statistics.fmean(batch_sizes) if batch_sizes else 0.0,
-            "statuses": dict(statuses)}
+        row = await closed_loop(send, concurrency, requests, warmup)
+    return {**row, "num_samples": num_samples}
+
+
+# ----------------------------------------------------------------------------------------- the real server
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A ``bentoml serve`` subprocess on loopback (see :func:`serve`)."""
+
+    def __init__(self, env: dict[str, str], startup_timeout_s: float = 240.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = tempfile.NamedTemporaryFile(prefix="bench-serve-", suffix=".log", delete=False)
+        cli = Path(sys.executable).with_name("bentoml")  # the CLI of this interpreter's environment
+        launcher = [str(cli)] if cli.exists() else [sys.executable, "-m", "bentoml"]
+        cmd = [*launcher, "serve", "service.service:SNodeViTService", "--host", "127.0.0.1", "--port", str(self.port)]
+        full_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+        full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # `bentoml serve` sets its own
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.startup_timeout_s = startup_timeout_s
+        self.started = time.monotonic()
+        self.ready_s: float | None = None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return Path(self._log.name).read_text(errors="replace")[-chars:]
+
+    def wait_ready(self) -> float:
+        """Block until /readyz answers 200; seconds since start. Raises RuntimeError on exit or timeout."""
+        import httpx
+
+        deadline = self.started + self.startup_timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    self.ready_s = time.monotonic() - self.started
+                    return self.ready_s
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bentoml serve not ready in {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.25)
+
+    def processes(self) -> list:
+        """The server process and everything it started (psutil.Process objects)."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> None:
+        """SIGTERM the arbiter (it stops its workers), then kill whatever is left of what it started."""
+        import psutil
+
+        children = self.processes()[1:]
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(children, timeout=10)
+        for child in alive:
+            child.kill()
+        self._log.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self._log.name)
+
+
+@contextlib.contextmanager
+def serve(env: dict[str, str]) -> Iterator[Server]:
+    """Start ``bentoml serve service.service:SNodeViTService`` with ``env`` added; wait for it; stop it after."""
+    server = Server(env)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+class RSSSampler:
+    """Samples the resident memory of a server's processes in a background thread (every ``interval_s``)."""
+
+    def __init__(self, server: Server, interval_s: float = 0.1) -> None:
+        import threading
+
+        self.server = server
+        self.interval_s = interval_s
+        self.peak_total = 0
+        self.peak_largest = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> tuple[int, int]:
+        """(sum over the processes, the largest one) resident bytes now."""
+        import psutil
+
+        sizes = []
+        for p in self.server.processes():
+            with contextlib.suppress(psutil.Error):
+                sizes.append(p.memory_info().rss)
+        return sum(sizes), max(sizes, default=0)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total, largest = self.sample()
+            self.peak_total = max(self.peak_total, total)
+            self.peak_largest = max(self.peak_largest, largest)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RSSSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:3000")
-    p.add_argument("--image", type=Path, default=Path("examples/digit_7.png"))
-    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument("--image", type=Path, default=ROOT / "examples" / "digit_7.png")
+    p.add_argument("--num-samples", default="8", help="an integer or 'auto'")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--warmup", type=int, default=8)
@@ -79,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     _check_loopback(args.url)
     image = args.image.read_bytes()
-    rows = [asyncio.run(_run(args.url, image, args.num_samples, c, args.requests, args.warmup))
+    rows = [asyncio.run(http_load(args.url, image, args.num_samples, c, args.requests, args.warmup))
             for c in args.concurrency]
     if args.json:
         print(json.dumps(rows))

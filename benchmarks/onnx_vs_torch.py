@@ -1,9 +1,10 @@
 """ONNX Runtime vs PyTorch eager: Monte Carlo forward pass of the MNIST-preset tiny model on this CPU.
 
-Both backends get the same images and the same noise tensor and run in one process with the same number of
-threads. Each size is warmed up, then the two backends are timed alternately (so drifting background load hits
-both alike) and the median is reported. The ONNX side is ``OnnxPredictor.sample_logits``, i.e. including the
-torch <-> numpy hand-over a server pays.
+A focused view of the model-path section of ``benchmarks/bench.py`` (whose helpers it uses): both backends get
+the same images and the same noise tensor and run in one process with the same number of threads, in passes as
+``predict`` runs them; each size is warmed up, then the two are timed alternately (so drifting background load
+hits both alike) and the median is reported. The ONNX side is ``OnnxPredictor.sample_logits``, i.e. including
+the torch <-> numpy hand-over a server pays.
 
 Usage::
 
@@ -15,25 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import FULL_VARIANTS, cpu_name, export_for_timing, time_alternating  # noqa: E402
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -46,40 +39,19 @@ def _size(text: str) -> tuple[int, int]:
     return b, s
 
 
-def _time_alternating(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int,
-                      max_seconds: float) -> dict[str, list[float]]:
-    """Milliseconds per call of each function, timed in alternation; stops at ``repeats`` or the time budget."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    start = time.perf_counter()
-    while True:
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t) * 1e3)
-        n = len(next(iter(times.values())))
-        if n >= repeats or (n >= 5 and time.perf_counter() - start > max_seconds):
-            return times
-
-
-def run(sizes: list[tuple[int, int]], threads: int, warmup: int, repeats: int, max_seconds: float) -> dict[str, Any]:
+def run(sizes: list[tuple[int, int]], threads: int, repeats: int, max_seconds: float) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from export import OnnxPredictor, export_onnx
-    from snodevit import MNIST_OVERRIDES, create_model
+    from export import OnnxPredictor
+    from snodevit.inference import sample_in_passes
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = create_model("tiny", **MNIST_OVERRIDES).eval()
-    torch.nn.init.normal_(model.head.weight)  # timing does not depend on the values; keep logits non-trivial
-    meta = {"class_names": [str(i) for i in range(10)],
-            "preprocessing": {"image_size": 28, "channels": 1, "mean": [0.1307], "std": [0.3081]}}
+    tiny = FULL_VARIANTS[0]
+    model = tiny.build()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        path = export_onnx(model, Path(tmp) / "model.onnx", meta=meta)
+        path = export_for_timing(model, Path(tmp))
         export_s = time.perf_counter() - t0
         predictor = OnnxPredictor(path, device="cpu", intra_op_threads=threads)
         for b, s in sizes:
@@ -89,17 +61,18 @@ def run(sizes: list[tuple[int, int]], threads: int, warmup: int, repeats: int, m
 
             def torch_eager() -> torch.Tensor:
                 with torch.inference_mode():
-                    return model.sample_logits(images, noise=noise)
+                    return sample_in_passes(model, images, noise)
 
             def onnx_runtime() -> torch.Tensor:
-                return predictor.sample_logits(images, noise=noise)
+                return sample_in_passes(predictor, images, noise)
 
-            diff = float((torch_eager() - onnx_runtime()).abs().max())
-            times = _time_alternating({"torch": torch_eager, "onnx": onnx_runtime}, warmup, repeats, max_seconds)
+            times, outs = time_alternating({"torch": torch_eager, "onnx": onnx_runtime}, budget_s=max_seconds,
+                                           min_runs=5, max_runs=repeats)
+            diff = float((outs["torch"] - outs["onnx"]).abs().max())
             t_ms, o_ms = statistics.median(times["torch"]), statistics.median(times["onnx"])
             rows.append({"batch_size": b, "num_samples": s, "torch_ms": round(t_ms, 3), "onnx_ms": round(o_ms, 3),
                          "speedup": round(t_ms / o_ms, 3), "runs": len(times["torch"]), "max_abs_diff": diff})
-    return {"model": "tiny + MNIST_OVERRIDES", "cpu": _cpu_name(), "threads": threads,
+    return {"model": f"{tiny.name} + MNIST_OVERRIDES", "cpu": cpu_name(), "threads": threads,
             "torch": torch.__version__, "onnxruntime": ort.__version__, "export_seconds": round(export_s, 2),
             "rows": rows}
 
@@ -122,13 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", nargs="+", type=_size, default=[(1, 8), (32, 8)], metavar="BxS",
                    help="batch size x Monte Carlo samples (default: 1x8 32x8)")
     p.add_argument("--threads", type=int, default=None, help="threads for both backends (default: physical cores)")
-    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=50, help="timed runs per backend and size (at most)")
     p.add_argument("--max-seconds", type=float, default=30.0, help="time budget per size (at least 5 runs)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     threads = args.threads or physical_cores()
-    result = run(args.sizes, threads, args.warmup, args.repeats, args.max_seconds)
+    result = run(args.sizes, threads, args.repeats, args.max_seconds)
     if args.json:
         json.dump(result, sys.stdout, sort_keys=True)
         sys.stdout.write("\n")

@@ -123,6 +123,9 @@ class SNodeViTService:
     def __init__(self) -> None:
         self._ready = False
         t0 = time.perf_counter()
+        # One process, one model: its intra-op threads are set here. On a CPU shared with other work, fewer
+        # threads than cores can be faster (a parallel region waits for every thread to be scheduled).
+        torch.set_num_threads(SETTINGS.threads)
         pinned = _bento_model_tag()
         stored = bentoml.models.get(pinned) if pinned else self.model_ref
         loaded = open_model(stored.path, backend=SETTINGS.backend, device=SETTINGS.device)

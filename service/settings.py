@@ -5,10 +5,17 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from snodevit.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+def _torch_threads() -> int:
+    """torch's own intra-op thread count: OMP_NUM_THREADS when set, else the physical cores."""
+    import torch
+
+    return torch.get_num_threads()
+
 
 BackendName = Literal["torch", "onnx"]
 BACKENDS: tuple[str, ...] = get_args(BackendName)
@@ -36,6 +43,7 @@ class ServiceSettings:
     max_concurrency: int = 64  # requests in progress before new ones are refused with 429
     max_buffered_bytes: int = 256 * 2**20  # request bodies held in memory at once, all requests together (429 beyond)
     timeout_s: float = 60.0  # a request still waiting for its answer after this long gets 504
+    threads: int = field(default_factory=_torch_threads)  # torch intra-op threads of the served model
 
     def __post_init__(self) -> None:
         if not self.model.strip():

@@ -85,6 +85,12 @@ class KSVDAttention(nn.Module):
     and the training loss adds ``eta * mean(J^2)``.
 
     Pooling is strictly per image: no statistic mixes images or Monte Carlo samples of a folded batch.
+
+    In inference (eval mode, no weights asked) ``cfg.fused_attn`` selects an algebraically identical fused path
+    (``_fused``): q and k share every kernel, the singular values are folded into the directions, and the
+    combination ``W_c`` and the rank-r readout are one matmul, so it runs about half the explicit path's kernels
+    and copies q, k and v once instead of at every matmul. The two agree to float32 rounding (tests hold them
+    equal). The explicit path is what training (the regulariser needs the raw scores) and attention maps use.
     """
 
     def __init__(self, cfg: SNodeViTConfig) -> None:
@@ -101,6 +107,7 @@ class KSVDAttention(nn.Module):
         self.concat = nn.Linear(2 * r, hd)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
+        self.fused = cfg.fused_attn
 
     def forward(self, x: Tensor, lam: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
         """Args:
@@ -108,6 +115,8 @@ class KSVDAttention(nn.Module):
             lam: (H, r) positive singular values lambda(t); ones when None.
             need_weights: also return the applied token mixing (B, N, N).
         """
+        if self.fused and not need_weights and not self.training:
+            return AttentionOutput(self._fused(x, lam), None, None)
         b, n, d = x.shape
         h, hd, r = self.num_heads, self.head_dim, self.rank
         qkv = self.qkv(x).reshape(b, n, 3, h, hd).permute(2, 0, 3, 1, 4)
@@ -138,6 +147,42 @@ class KSVDAttention(nn.Module):
                  - torch.einsum("hds,hds->h", self.we, self.wr))  # (B, H)
             reg = j.pow(2).mean()
         return AttentionOutput(self.drop(self.proj(o)), weights, reg)
+
+    def _fused(self, x: Tensor, lam: Tensor | None) -> Tensor:
+        """The eval-mode output of ``forward`` in fewer, larger kernels.
+
+        q and k go through each step together (one normalisation, one score matmul for ``k W_e`` and ``q W_r``,
+        one softmax, one direction update), the scores come out already scaled (``q (D_e * lam)``), and the
+        combination ``W_c [e_s; r_s]`` plus the rank-r readout ``e_s v_pool / r`` is one matmul against
+        ``[W_ce^T + v_pool / r; W_cr^T]``. q, k and v are made contiguous once, so no matmul copies its operands.
+
+        Args:
+            x: (B, N, D) normalised tokens.
+            lam: (H, r) singular values or None (ones).
+
+        Returns:
+            (B, N, D), equal to the explicit path's output up to float32 rounding.
+        """
+        b, n, d = x.shape
+        h, hd, r = self.num_heads, self.head_dim, self.rank
+        # Heads outermost: the score matmul against the shared W_e / W_r is then one GEMM per head over all
+        # B*N tokens instead of B*H tiny ones.
+        qkv = self.qkv(x).reshape(b, n, 3, h, hd).permute(2, 3, 0, 1, 4).contiguous()  # (3, H, B, N, hd)
+        qk = F.normalize(qkv[:2], dim=-1)  # (2, H, B, N, hd): q, k
+        v = qkv[2]  # (H, B, N, hd)
+        base = torch.stack((self.wr, self.we))  # (2, H, hd, r): q pools with W_r, k with W_e
+        logits = qk.reshape(2, h, b * n, hd) @ (self.log_tau.exp() * base)  # (2, H, B*N, r)
+        a = torch.softmax(logits.reshape(2, h, b, n, r), dim=3)  # (2, H, B, N, r): A_r, A_e (over tokens)
+        dirs = base[:, :, None] + qk.transpose(-2, -1) @ a  # (2, H, B, hd, r): D_r, D_e
+        lam_ = torch.ones(h, r, dtype=x.dtype, device=x.device) if lam is None else lam
+        scores = qk @ (dirs.flip(0) * lam_[:, None, None, :])  # (2, H, B, N, r): e_s = q D_e lam, r_s = k D_r lam
+        v_pool = a[1].transpose(-2, -1) @ v  # (H, B, r, hd): values pooled with A_e
+        wc = self.concat.weight  # (hd, 2r)
+        mix = torch.cat((wc[:, :r].T + v_pool / r, wc[:, r:].T.expand(h, b, r, hd)), dim=-2)  # (H, B, 2r, hd)
+        cat = scores.permute(1, 2, 3, 0, 4).reshape(h * b, n, 2 * r)  # (H*B, N, 2r): [e_s, r_s] per token
+        o = torch.baddbmm(self.concat.bias, cat, mix.reshape(h * b, 2 * r, hd))  # (H*B, N, hd)
+        o = o.reshape(h, b, n, hd).permute(1, 2, 0, 3).reshape(b, n, d)  # (B, N, D)
+        return self.proj(o)
 
 
 class _QKVAttention(nn.Module):

@@ -36,6 +36,15 @@ MIXED = AdaptiveSampling(max_samples=16, first_round=4, round_size=4, z=1.0, tol
 NAMES = [str(i) for i in range(10)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Micro passes: on a machine shared with other jobs, two intra-op threads make them 10-100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model() -> snodevit.SNodeViT:
     torch.manual_seed(0)

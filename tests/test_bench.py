@@ -1,0 +1,134 @@
+"""benchmarks/bench.py --quick: every section produces finite figures and both files are written.
+
+Timings are never asserted: only that they exist, are finite and positive, and that the figures that are not
+timings (parity of the backends, request statuses, batch sizes, sample counts) are what they must be.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_bench() -> Any:
+    spec = importlib.util.spec_from_file_location("snodevit_bench", REPO / "benchmarks" / "bench.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+def _strict_json(path: Path) -> dict[str, Any]:
+    def refuse(token: str) -> None:
+        raise AssertionError(f"{path} holds {token}: not strict JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    assert bench.main(["--quick", "--out", str(out), "--no-progress"]) == 0
+    assert torch.get_num_threads() == threads  # the bench leaves the process as it found it
+    return out, _strict_json(out / "results.json")
+
+
+def test_files_are_written_with_every_section(quick) -> None:
+    out, result = quick
+    md = (out / "results.md").read_text()
+    for heading in ("## 1. Ceiling", "## 2. Model path (CPU)", "## 3. Service path", "## 4. Adaptive sampling",
+                    "## 5. Goals"):
+        assert heading in md
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporary files behind
+    assert _positive(result["ceiling"]["cpu"]["gflops"]) and result["quick"] is True
+
+
+def test_model_path_figures_are_finite_and_the_backends_agree(quick) -> None:
+    _, result = quick
+    rows = result["model_path"]["cpu"]
+    cells = {(r["batch_size"], r["num_samples"]) for r in rows}
+    assert cells == {(1, 1), (1, 8), (4, 1), (4, 8)}
+    for r in rows:
+        assert all(_positive(r[k]) for k in ("ms", "images_per_s", "gflop", "gflops", "ceiling_fraction")), r
+        assert r["max_abs_diff"] < 1e-4, r  # loop, passes and ONNX Runtime compute the same logits
+        assert r["images_per_s"] == pytest.approx(r["batch_size"] / (r["ms"] / 1e3))
+    by = {(r["method"], r["batch_size"], r["num_samples"]): r for r in rows}
+    for b, s in cells:  # S loop passes count S prefixes; the folded pass counts one
+        assert by[("loop", b, s)]["gflop"] >= by[("folded", b, s)]["gflop"] > 0
+    assert all(_positive(v) for t in result["threads"] for k, v in t.items() if k.startswith("ms_"))
+
+
+def test_service_section_measured_both_batching_modes(quick) -> None:
+    _, result = quick
+    svc = result["service"]
+    if "skipped" in svc:
+        pytest.skip(svc["skipped"])
+    for mode in ("on", "off"):
+        rows = svc["http"][mode]["rows"]
+        assert [r["concurrency"] for r in rows] == [1, 8, 32]
+        for r in rows:
+            assert r["statuses"] == {"200": r["requests"]} and _positive(r["requests_per_s"])
+            assert r["p50_ms"] <= r["p90_ms"] <= r["p95_ms"] <= r["p99_ms"]
+        assert _positive(svc["http"][mode]["peak_rss_mib"])
+    assert all(r["mean_batch_size"] == 1 for r in svc["http"]["off"]["rows"])  # batching off: one image a pass
+    assert all(r["statuses"] == {"200": r["requests"]} for r in svc["in_process"]["closed_loop"])
+    mem = svc["memory"]
+    assert mem["statuses"] == {"200": mem["requests"]} and len(mem["checkpoints"]) >= 2
+    assert all(_positive(c["rss_mib"]) for c in mem["checkpoints"])
+
+
+def test_adaptive_section_and_goals(quick) -> None:
+    _, result = quick
+    ad = result["adaptive"]
+    if "skipped" in ad:
+        pytest.skip(ad["skipped"])
+    assert 8 <= ad["mean_samples"] <= 32 and 0 <= ad["changed_rate"] <= 1
+    assert sum(ad["samples_histogram"].values()) == ad["images"]
+    assert ad["pass_reduction"] == pytest.approx(32 / ad["mean_samples"])
+    goals = {g["goal"]: g for g in result["goals"]}
+    assert any(k.startswith("folded vs loop") for k in goals)
+    assert any(k.startswith("adaptive sampling") for k in goals)
+    for g in goals.values():
+        assert g["measured"] is None or math.isfinite(g["measured"])
+        assert g["met"] in (True, False, None)
+
+
+def test_bad_arguments_exit_with_2(tmp_path: Path) -> None:
+    for argv in (["--out", str(tmp_path), "--threads", "0"], ["--out", str(tmp_path), "--model", str(tmp_path / "x")],
+                 ["--out", str(tmp_path), "--device", "tpu"]):
+        with pytest.raises(SystemExit) as err:
+            bench.main(argv)
+        assert err.value.code == 2
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as err:
+            bench.main(["--out", str(tmp_path), "--device", "cuda"])
+        assert err.value.code == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_path(tmp_path: Path) -> None:
+    assert bench.main(["--quick", "--device", "cuda", "--no-http", "--out", str(tmp_path), "--no-progress"]) == 0
+    result = _strict_json(tmp_path / "results.json")
+    rows = result["model_path"]["cuda"]
+    assert {r["method"] for r in rows} >= {"loop", "folded", "folded_bf16"}
+    assert all(_positive(r["ms"]) for r in rows)
+    assert all(r["max_abs_diff"] < 0.1 for r in rows if r["method"] == "folded_bf16")
+    assert _positive(result["ceiling"]["cuda_fp32"]["gflops"]) and result["machine"]["gpu"]
