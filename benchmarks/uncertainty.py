@@ -29,7 +29,7 @@ parallel processes (spawn); evaluation runs in the same pool.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/uncertainty.py --device cuda --jobs 16 --out docs   # full run, ~7-8 min on the H100
+    PYTHONPATH=. python benchmarks/uncertainty.py --device cuda --jobs 16 --out docs   # full run, ~6.5 min on the H100
     python benchmarks/uncertainty.py --quick --out /tmp/ub                              # seconds, for the test
 """
 
@@ -73,9 +73,10 @@ EVAL_SEED_STRIDE = 1_000_000  # image i of run seed s is predicted with seed s *
 REJECTION_GRID = tuple(round(0.05 * i, 2) for i in range(20))  # rejected fractions of the accuracy-rejection curve
 #: SDE-Net settings of ``snodevit-ood`` (see the doc's "What was tried"), as `snodevit train --ood-diffusion-weight 1`.
 OOD_DIFFUSION_WEIGHT = 1.0
-#: Epochs of the full run. TrainConfig's (and the demo model's) 30 do not fit the ~8 minute budget: 24 models x 30
-#: epochs took ~13 min of training alone on the H100 machine with 16 processes (the tiny model is launch-bound,
-#: ~1 model-epoch/s in aggregate), so every model gets 15. `--epochs 30` restores the demo budget.
+#: Epochs of the full run. TrainConfig's (and the demo model's) 30 do not fit the ~8 minute budget: the tiny model
+#: is kernel-launch bound, 24 models train at ~1.2 model-epochs/s in aggregate on the H100 machine (measured: 10
+#: epochs, --jobs 14: 205 s of training, 287 s in all), so 30 epochs would take ~10 min of training alone. Every
+#: model gets 15 (~5 min of training, ~6.5 min in all). `--epochs 30` restores the demo budget.
 FULL_EPOCHS = 15
 #: ``--quick``: a depth-2 narrow model, 1 epoch on a few hundred images, few evaluation images.
 QUICK_MODEL = dict(dim=32, depth=2, num_heads=2, rank=4, time_embed_dim=16, time_hidden_dim=16, noise_dim=4)
