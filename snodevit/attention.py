@@ -116,7 +116,7 @@ class KSVDAttention(nn.Module):
             need_weights: also return the applied token mixing (B, N, N).
         """
         if self.fused and not need_weights and not self.training:
-            return AttentionOutput(self._fused(x, lam), None, None)
+            return AttentionOutput(self.drop(self._fused(x, lam)), None, None)
         b, n, d = x.shape
         h, hd, r = self.num_heads, self.head_dim, self.rank
         qkv = self.qkv(x).reshape(b, n, 3, h, hd).permute(2, 0, 3, 1, 4)

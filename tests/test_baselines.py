@@ -108,13 +108,7 @@ def test_mc_dropout_masks_match_dropouts_rate_and_scale() -> None:
         assert torch.equal(model(_images(2)), model(_images(2)))
 
 
-@pytest.mark.parametrize("attention", [
-    pytest.param("ksvd", marks=pytest.mark.xfail(
-        strict=True, reason="KSVDAttention's fused eval path (attention.py, forward) returns self._fused(x, lam) "
-                            "without self.drop, so MC dropout loses the attention-output dropout; wrap it in "
-                            "self.drop(...) and remove this mark")),
-    "softmax",
-])
+@pytest.mark.parametrize("attention", ["ksvd", "softmax"])
 def test_mc_dropout_reaches_every_dropout_layer(attention: str) -> None:
     """Every layer that dropped units in training drops them at test time (no inference path may skip one)."""
     model = _model(dropout=0.1, attention=attention)
