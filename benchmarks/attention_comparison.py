@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from snodevit.machine import cpu_name  # noqa: E402
 
 # (row name, config overrides). ksvd-adaptive picks its rank from the token count: ceil(sqrt(N)) in [4, head_dim].
 BACKENDS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -236,14 +237,6 @@ def train_all(jobs: list[dict[str, Any]], n_procs: int, progress: bool) -> list[
 # ------------------------------------------------------------------------------------------------ cost
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def count_flops(model: Any, images: torch.Tensor, noise: torch.Tensor) -> int:

@@ -56,6 +56,7 @@ for _p in (str(REPO), str(HERE)):  # `python benchmarks/bench.py` from a checkou
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from snodevit.machine import cpu_name  # noqa: E402
 from snodevit import MNIST_OVERRIDES, create_model  # noqa: E402
 from snodevit.checkpoint import atomic_write_bytes, atomic_write_json  # noqa: E402
 
@@ -69,14 +70,6 @@ DEMO_NAME = "snodevit-mnist"
 # ============================================================================================ shared helpers
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_alternating(fns: dict[str, Callable[[], Any]], *, budget_s: float, min_runs: int = 3, max_runs: int = 20,

@@ -34,19 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from snodevit.machine import cpu_name  # noqa: E402
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 #: ``--memory-model micro``: the test suite's small model, for memory runs of many images on a slow machine.
@@ -173,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                             "peak_pss_mib": fig["peak_pss_mib"]})
             print(f"done: {json.dumps(results[-1])}", file=sys.stderr)  # kept if a later run is stopped
 
-    env = {"cpu": _cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
+    env = {"cpu": cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
            "threads": args.threads or os.environ.get("OMP_NUM_THREADS", "default"), "workers": args.workers,
            "batch_size": args.batch_size}
     if args.json:

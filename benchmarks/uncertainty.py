@@ -59,6 +59,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from snodevit.machine import cpu_name  # noqa: E402
 from snodevit.commands.train import DEFAULT_OOD_DIFFUSION_SCALE  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -723,14 +724,6 @@ WHAT_WAS_TRIED = """
 
 
 # ----------------------------------------------------------------------------------------------- orchestration
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -772,8 +765,8 @@ def run_benchmark(budget: Budget, *, device: str, jobs: int, runs: Path, out: Pa
     ensemble = next(m.name for m in methods if m.samples == "members")
     sde_names = [m.name for m in methods if m.kind.startswith("sde") and m.samples == "S"]
     env = {"device": device, "device_name": (torch.cuda.get_device_name(0) if device.startswith("cuda")
-                                             else f"the CPU ({_cpu_name()})"),
-           "cpu": _cpu_name(), "cpu_count": cores, "jobs": jobs, "torch": torch.__version__,
+                                             else f"the CPU ({cpu_name()})"),
+           "cpu": cpu_name(), "cpu_count": cores, "jobs": jobs, "torch": torch.__version__,
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
     report = {
         "benchmark": "uncertainty", "issue": 7, "quick": quick, "command": command, "environment": env,
