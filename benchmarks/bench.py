@@ -70,8 +70,6 @@ DEMO_NAME = "snodevit-mnist"
 # ============================================================================================ shared helpers
 
 
-
-
 def time_alternating(fns: dict[str, Callable[[], Any]], *, budget_s: float, min_runs: int = 3, max_runs: int = 20,
                      sync: Callable[[], None] | None = None) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Milliseconds per call of each function, timed in alternation so drifting background load hits all alike.
@@ -344,7 +342,7 @@ class LoadPlan:
     soak_requests: int  # requests of the memory run (S=1, highest concurrency)
 
 
-FULL_LOAD = LoadPlan(8, (1, 8, 32), {1: 100, 8: 200, 32: 384}, {1: 5, 8: 16, 32: 64}, 10_000)
+FULL_LOAD = LoadPlan(8, (1, 8, 32), {1: 100, 8: 200, 32: 384}, {1: 5, 8: 16, 32: 64}, 20_000)
 QUICK_LOAD = LoadPlan(8, (1, 8, 32), {1: 8, 8: 16, 32: 32}, {1: 2, 8: 8, 32: 32}, 64)
 
 
@@ -657,8 +655,10 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores visible, {m['threads']} torch/ORT threads; torch {m['torch']}, "
         f"onnxruntime {m['onnxruntime']}, Python {m['python']}" + (f"; GPU {m['gpu']}" if m.get("gpu") else "") + ".",
-        "The machine is shared with other jobs, so absolute speeds are pessimistic and noisy; every ratio below "
-        "compares figures taken in this one run, and paired timings alternate between the methods.", "",
+        "The machine is shared with other jobs (1-minute load average "
+        f"{_fmt(m.get('load_average_start'))} at the start, {_fmt(m.get('load_average_end'))} at the end), so "
+        "absolute speeds are pessimistic and noisy; every ratio below compares figures taken in this one run, "
+        "and paired timings alternate between the methods.", "",
         "## 1. Ceiling", "",
         f"fp32 `torch.matmul` of two {c['n']}x{c['n']} matrices on the CPU: **{c['gflops']:.1f} GFLOP/s** "
         f"(median of {c['runs']} runs, {c['ms']:.1f} ms each).",
@@ -838,7 +838,8 @@ def _run(args: argparse.Namespace, threads: int) -> int:
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
         "machine": {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                     else os.cpu_count(), "threads": threads, "torch": torch.__version__,
-                    "onnxruntime": ort.__version__, "python": platform.python_version()},
+                    "onnxruntime": ort.__version__, "python": platform.python_version(),
+                    "load_average_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
     }
     from snodevit.inference import CPU_ROWS_PER_PASS
 
@@ -873,6 +874,7 @@ def _run(args: argparse.Namespace, threads: int) -> int:
         result["adaptive"] = adaptive_section(args.model, args.quick, args.device, progress, work)
     result["goals"] = goals(result)
     result["seconds"] = time.perf_counter() - started
+    result["machine"]["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "results.json", _json_ready(result))
     atomic_write_bytes(args.out / "results.md", markdown(result).encode())
