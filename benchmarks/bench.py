@@ -419,6 +419,20 @@ def _soak(server: Any, image: bytes, requests: int, concurrency: int, progress: 
             "statuses": dict(statuses)}
 
 
+def _cpu_seconds(server: Any) -> dict[str, float]:
+    """CPU seconds used so far by this process (the load generator) and by the server's processes."""
+    import psutil
+
+    used = 0.0
+    for p in server.processes():
+        try:
+            t = p.cpu_times()
+            used += t.user + t.system
+        except psutil.Error:
+            pass
+    return {"client_cpu_s": time.process_time(), "server_cpu_s": used, "wall": time.perf_counter()}
+
+
 def service_path(quick: bool, threads: int, progress: bool, workdir: Path) -> dict[str, Any]:
     """In-process engine first (nothing else running), then two real servers: batching on and off."""
     try:
@@ -450,11 +464,17 @@ def service_path(quick: bool, threads: int, progress: bool, workdir: Path) -> di
         for mode, server in servers.items():
             out.setdefault("startup_s", {})[mode] = server.wait_ready()
         for mode, server in servers.items():
+            rows = []
             with RSSSampler(server) as rss:
-                rows = [asyncio.run(http_load(server.url, image, plan.num_samples, c, plan.requests[c],
-                                              plan.warmup[c]))
-                        for c in tqdm(plan.concurrency, desc=f"http, batching {mode}", disable=not progress,
-                                      dynamic_ncols=True)]
+                for c in tqdm(plan.concurrency, desc=f"http, batching {mode}", disable=not progress,
+                              dynamic_ncols=True):
+                    before = _cpu_seconds(server)
+                    row = asyncio.run(http_load(server.url, image, plan.num_samples, c, plan.requests[c],
+                                                plan.warmup[c]))
+                    after = _cpu_seconds(server)
+                    row.update({k: after[k] - before[k] for k in after if k != "wall"},
+                               cpu_wall_s=after["wall"] - before["wall"])
+                    rows.append(row)
             out["http"][mode] = {"rows": rows, "peak_rss_mib": rss.peak_total / 2**20,
                                  "peak_rss_worker_mib": rss.peak_largest / 2**20,
                                  "settings": extra or {"SNODEVIT_MAX_BATCH_SIZE": "32 (default)"}}
@@ -617,6 +637,12 @@ def _fmt(x: Any, digits: int = 1) -> str:
     return f"{x:.{digits}f}"
 
 
+def _cores(row: dict[str, Any], key: str) -> str:
+    if key not in row or not row.get("cpu_wall_s"):
+        return "-"
+    return f"{row[key] / row['cpu_wall_s']:.2f}"
+
+
 def _statuses(statuses: dict[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())) or "none"
 
@@ -722,15 +748,19 @@ def markdown(result: dict[str, Any]) -> str:
                   "pass). In-process = the same loop calling the service engine directly (decode, micro-batching, "
                   "predict, answer records; no HTTP). Server start-up: "
                   + ", ".join(f"batching {k} {v:.1f} s" for k, v in svc.get("startup_s", {}).items()) + ".", "",
+                  "CPU columns: cores' worth of CPU time the load generator (this process) and the server's processes "
+                  "used during the level (2.0 = both cores busy), so the client's share of this 2-core machine is "
+                  "visible.", "",
                   "| path | concurrency | requests | images/s | p50 ms | p90 ms | p95 ms | p99 ms | mean batch | "
-                  "statuses |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "client CPU | server CPU | statuses |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         sources = [("in-process", svc["in_process"]["closed_loop"])]
         sources += [(f"HTTP, batching {k}", v["rows"]) for k, v in svc["http"].items()]
         for name, rows in sources:
             for r in rows:
                 lines.append(f"| {name} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.1f} | "
                              f"{_fmt(r['p50_ms'])} | {_fmt(r['p90_ms'])} | {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} "
-                             f"| {_fmt(r['mean_batch_size'])} | {_statuses(r['statuses'])} |")
+                             f"| {_fmt(r['mean_batch_size'])} | {_cores(r, 'client_cpu_s')} | "
+                             f"{_cores(r, 'server_cpu_s')} | {_statuses(r['statuses'])} |")
         bare = svc["in_process"]["bare_predict"]
         lines += ["", "Bare `predict` (no decoding, no batcher) in-process at S="
                   f"{svc['num_samples']}: " + "; ".join(f"B={b['batch_size']}: {b['images_per_s']:.1f} images/s"
@@ -743,8 +773,9 @@ def markdown(result: dict[str, Any]) -> str:
                   "largest process (the worker holding the model)."]
         if mem:
             lines += [f"Memory run: {mem['requests']} requests (S=1, concurrency {mem['concurrency']}, "
-                      f"{mem['seconds']:.0f} s, statuses {_statuses(mem['statuses'])}): RSS {mem['rss_start_mib']:.0f} MiB "
-                      f"after warm-up -> {mem['rss_end_mib']:.0f} MiB at the end ({mem['growth_mib']:+.1f} MiB; "
+                      f"{mem['seconds']:.0f} s, statuses {_statuses(mem['statuses'])}): RSS "
+                      f"{mem['rss_start_mib']:.0f} MiB after warm-up -> {mem['rss_end_mib']:.0f} MiB at the end "
+                      f"({mem['growth_mib']:+.1f} MiB; "
                       f"{mem['growth_second_half_mib']:+.1f} MiB over the second half).", "",
                       "| requests | " + " | ".join(str(c["requests"]) for c in mem["checkpoints"]) + " |",
                       "|---|" + "---:|" * len(mem["checkpoints"]),
