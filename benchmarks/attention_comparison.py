@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from snodevit.commands._common import positive_int  # noqa: E402
 from snodevit.machine import cpu_name  # noqa: E402
 
 # (row name, config overrides). ksvd-adaptive picks its rank from the token count: ceil(sqrt(N)) in [4, head_dim].
@@ -575,31 +576,21 @@ def stdout_table(report: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("docs"), help="folder of the .md, .json and .png files")
     p.add_argument("--device", default="auto", help="training/evaluation device: auto, cpu, cuda or cuda:N "
                    "(latency is always measured on the CPU)")
-    p.add_argument("--jobs", type=_positive_int, default=1, help="models trained in parallel processes")
-    p.add_argument("--epochs", type=_positive_int, default=None,
+    p.add_argument("--jobs", type=positive_int, default=1, help="models trained in parallel processes")
+    p.add_argument("--epochs", type=positive_int, default=None,
                    help=f"training epochs of every backend (default {DEFAULT_EPOCHS}, quick 1)")
-    p.add_argument("--seeds", type=_positive_int, default=None,
+    p.add_argument("--seeds", type=positive_int, default=None,
                    help="training seeds per backend, 0..n-1 (default 2, quick 1); two or more measure seed noise")
-    p.add_argument("--num-samples", type=_positive_int, default=8, help="Monte Carlo samples S per image")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--num-samples", type=positive_int, default=8, help="Monte Carlo samples S per image")
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads of the CPU latency measurement (default min(4, CPUs), quick 1)")
-    p.add_argument("--repeats", type=_positive_int, default=None, help="timed calls per backend and size "
+    p.add_argument("--repeats", type=positive_int, default=None, help="timed calls per backend and size "
                    "(default 15, quick 3)")
     p.add_argument("--runs-dir", type=Path, default=None,
                    help=f"where checkpoints are kept (default {RUNS_ROOT}/full or {RUNS_ROOT}/quick)")

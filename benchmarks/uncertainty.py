@@ -59,6 +59,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from snodevit.commands._common import int_at_least, non_negative_int  # noqa: E402
 from snodevit.machine import cpu_name  # noqa: E402
 from snodevit.commands.train import DEFAULT_OOD_DIFFUSION_SCALE  # noqa: E402
 
@@ -806,43 +807,21 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
-def _min_int(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {v}")
-        return v
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     from snodevit.train import TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="training/evaluation device: cpu, cuda, cuda:N or auto")
-    p.add_argument("--jobs", type=_min_int(1), default=1, help="parallel training/evaluation processes (spawn)")
-    p.add_argument("--seeds", type=_nonneg_int, nargs="+", default=None, help="run seeds (default 0 1 2; quick: 0)")
-    p.add_argument("--epochs", type=_min_int(1), default=None,
+    p.add_argument("--jobs", type=int_at_least(1), default=1, help="parallel training/evaluation processes (spawn)")
+    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=None, help="run seeds (default 0 1 2; quick: 0)")
+    p.add_argument("--epochs", type=int_at_least(1), default=None,
                    help=f"epochs of every model (default {FULL_EPOCHS}, half of TrainConfig's {TrainConfig.epochs}, "
                         "to fit ~8 min on the H100 machine; quick: 1)")
-    p.add_argument("--num-samples", type=_min_int(2), default=None,
+    p.add_argument("--num-samples", type=int_at_least(2), default=None,
                    help="S of MC dropout and the SDE models (default 8; quick: 4)")
-    p.add_argument("--ensemble-size", type=_min_int(2), default=None, help="ensemble members (default 5; quick: 2)")
-    p.add_argument("--cpu-threads", type=_min_int(1), default=1, help="torch threads of the CPU timing")
+    p.add_argument("--ensemble-size", type=int_at_least(2), default=None, help="ensemble members (default 5; quick: 2)")
+    p.add_argument("--cpu-threads", type=int_at_least(1), default=1, help="torch threads of the CPU timing")
     p.add_argument("--quick", action="store_true", help="micro budget for tests: figures are meaningless")
     p.add_argument("--retrain", action="store_true", help="train again even where a matching checkpoint exists")
     p.add_argument("--runs", type=Path, default=None,

@@ -35,17 +35,7 @@ from typing import Any
 
 from ..cli import CLIError, EXIT_USAGE
 from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from ._common import add_device_flag, add_json_flag, emit, positive_int, resolve_device
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
+from ._common import add_device_flag, add_json_flag, emit, non_negative_int, positive_int, resolve_device
 
 
 def _num_samples(text: str) -> int | str:
@@ -81,12 +71,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=_num_samples, default=8,
                    help="Monte Carlo samples per image, or 'auto': rounds of 8 until the label, decision and "
                         "uncertainty are settled, at most 32; the num_samples column says how many (default 8)")
-    p.add_argument("--seed", type=_non_negative_int, default=0,
+    p.add_argument("--seed", type=non_negative_int, default=0,
                    help="noise seed of every image, as the service's `seed` (default 0)")
     p.add_argument("--top-k", type=positive_int, default=3, help="classes listed in top_k (default 3)")
     p.add_argument("--alpha", type=_unit_interval, default=None,
                    help="conformal miscoverage of the prediction sets (default: the smallest calibrated one)")
-    p.add_argument("--workers", type=_non_negative_int, default=min(2, os.cpu_count() or 1),
+    p.add_argument("--workers", type=non_negative_int, default=min(2, os.cpu_count() or 1),
                    help="decoding processes; 0 decodes in the main process (default min(2, CPUs))")
     p.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_BYTES,
                    help=f"larger files become error rows (default {DEFAULT_MAX_BYTES})")
