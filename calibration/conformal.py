@@ -16,8 +16,19 @@ Scores:
   ``randomized=True`` the last term is scaled by ``u ~ U(0, 1)``, ``s = sum_{j < rank(y)} p_(j) + u p_y``,
   which removes the discreteness and gives smaller sets with near-exact coverage.
 
-Sets are never empty: when no class passes the threshold the top class is added (documented deviation from the
-bare recipe; adding a class can only raise coverage, so the guarantee still holds).
+The coverage guarantee, ``1 - alpha <= P(y in set) <= 1 - alpha + 1/(n + 1)`` (the upper bound needs scores without
+ties), holds for the bare sets of step 3, and a bare set can be empty. :func:`prediction_sets` returns them with
+``allow_empty=True``, as MAPIE and TorchCP do. An empty set spends part of the allowed miscoverage alpha: no class
+is needed on that image to reach the promised coverage, because even its most likely class scores worse than ``q``,
+so by the score the image is among the least typical. With LAC that is an image whose top probability is below
+``1 - q`` (a hard one); with deterministic APS it is one whose top class alone holds more than ``q`` of the mass
+(an unusually confident one).
+
+By default (``allow_empty=False``) the top class is added to every set, so a caller always gets a class to act on.
+This is a deviation from the bare recipe. Adding a class can only raise coverage, so the lower bound still holds,
+but coverage can no longer fall below the top-1 accuracy: a model that is 98 % accurate covers at least 98 %
+whatever alpha asks for, and the upper bound is lost. To check the calibration of the sets themselves, measure the
+bare sets.
 
 References:
     Angelopoulos & Bates. "A Gentle Introduction to Conformal Prediction and Distribution-Free Uncertainty
@@ -106,9 +117,9 @@ def fit_conformal_threshold(probs: Tensor, labels: Tensor, alpha: float, score: 
 
     the k-th smallest calibration score (see :func:`conformal_quantile_index`). Sets built with
     :func:`prediction_sets` and the same ``score``/``randomized`` then cover the true class with probability
-    >= 1 - alpha on exchangeable test data (and <= 1 - alpha + 1/(n + 1) for continuous scores, before the
-    non-empty rule). When ``k > n`` the split is too small: the threshold is ``inf`` (every set holds every
-    class) and a warning is logged.
+    >= 1 - alpha on exchangeable test data; the bare sets (``allow_empty=True``) also cover <= 1 - alpha + 1/(n + 1)
+    when the scores have no ties. When ``k > n`` the split is too small: the threshold is ``inf`` (every set holds
+    every class) and a warning is logged.
 
     Args:
         probs: (N, C) calibration probabilities.
@@ -153,15 +164,19 @@ def fit_conformal_threshold(probs: Tensor, labels: Tensor, alpha: float, score: 
 
 
 def prediction_sets(probs: Tensor, threshold: float, score: Score = "lac", randomized: bool = False, *,
-                    generator: torch.Generator | None = None) -> Tensor:
-    r"""Conformal prediction sets ``{y : s(x, y) <= threshold}``, never empty.
+                    generator: torch.Generator | None = None, allow_empty: bool = False) -> Tensor:
+    r"""Conformal prediction sets ``{y : s(x, y) <= threshold}``, with the top class added unless ``allow_empty``.
 
     .. math::
-        \Gamma(x) = \{ y : s(x, y) \le \hat q \} \cup \{ \arg\max_k p_k \}
+        \Gamma_{\text{bare}}(x) = \{ y : s(x, y) \le \hat q \}, \qquad
+        \Gamma(x) = \Gamma_{\text{bare}}(x) \cup \{ \arg\max_k p_k \}
 
-    The top class (first in the stable descending order, i.e. the lowest index among ties) is always included:
-    without it an image could get an empty set, which a caller cannot act on; adding a class only raises
-    coverage.
+    By default the top class (first in the stable descending order, i.e. the lowest index among ties) is
+    always included, so an image never gets an empty set, which a caller could not act on. Adding a class can
+    only raise coverage, but it stops coverage from going below the top-1 accuracy (see the module docstring).
+    With ``allow_empty=True`` the bare sets are returned: these are the sets whose coverage split conformal
+    controls. An empty bare set means that no class is needed on that image to reach the promised coverage,
+    because even the most likely class scores above the threshold.
 
     Args:
         probs: (N, C) test probabilities.
@@ -169,18 +184,24 @@ def prediction_sets(probs: Tensor, threshold: float, score: Score = "lac", rando
         score: the score the threshold was fitted with, ``"lac"`` or ``"aps"``.
         randomized: APS only; as at fitting time.
         generator: random source of the uniforms when ``randomized``.
+        allow_empty: return the bare sets ``{y : s(x, y) <= threshold}``, which may be empty, instead of
+            adding the top class.
 
     Returns:
         (N, C) bool tensor, True where the class is in the set.
 
     Raises:
-        ValueError: on a bad ``threshold``/``score``/``randomized`` or invalid tensors.
+        ValueError: on a bad ``threshold``/``score``/``randomized``/``allow_empty`` or invalid tensors.
 
     Example:
         >>> probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
         >>> prediction_sets(probs, 0.75, "lac").int().tolist()
         [[1, 1, 0], [0, 0, 1]]
         >>> prediction_sets(probs, 0.75, "aps").int().tolist()
+        [[1, 0, 0], [0, 0, 1]]
+        >>> prediction_sets(probs, 0.4, "lac", allow_empty=True).int().tolist()  # row 0: every 1 - p_y > 0.4
+        [[0, 0, 0], [0, 0, 1]]
+        >>> prediction_sets(probs, 0.4, "lac").int().tolist()  # the top class added
         [[1, 0, 0], [0, 0, 1]]
     """
     check_real_arg(threshold, "threshold")
@@ -189,13 +210,15 @@ def prediction_sets(probs: Tensor, threshold: float, score: Score = "lac", rando
     if randomized and score != "aps":
         raise ValueError(f"`randomized=True` is only defined for score='aps', got score={score!r}")
     _check_generator(generator)
+    check_bool_arg(allow_empty, "allow_empty")
     check_probs(probs)
 
     n = probs.shape[0]
     u = torch.rand(n, generator=generator, dtype=torch.float64).to(probs.device) if randomized else None
     all_scores, top = _class_scores(probs, score, u)
     sets = all_scores <= float(threshold)
-    sets[torch.arange(n, device=sets.device), top] = True
+    if not allow_empty:
+        sets[torch.arange(n, device=sets.device), top] = True
     return sets
 
 

@@ -50,7 +50,15 @@ SECTION_NOTES: dict[str, str] = {
         "split it contains the true class at least 1 - alpha of the time, whatever the model: a weaker model "
         "pays with larger sets, not with lost coverage. The guarantee is an average over images (not for each "
         "image), it assumes test images are exchangeable with the calibration images, and it does not survive "
-        "a distribution shift. Check that the measured coverage is close to 1 - alpha and look at the set size."),
+        "a distribution shift. Two kinds of set are measured. The bare sets (bare_coverage, bare_mean_set_size, "
+        "empty_fraction) are exactly what the guarantee is about: their coverage should lie between 1 - alpha and "
+        "1 - alpha + 1/(n + 1) for n calibration images, give or take its standard error. A bare set can be empty: "
+        "even the most likely class scores worse than the threshold, so no class is needed on that image to reach "
+        "the promised coverage (the image is among the least typical by the score). The served sets (coverage, "
+        "mean_set_size, singleton_fraction) are what the service answers: the top class is added to every set, so "
+        "none is empty, and their coverage can never fall below the top-1 accuracy; for an accurate model it sits "
+        "above 1 - alpha whatever alpha is. Judge the calibration of the sets on the bare coverage, and what a user "
+        "gets on the served one; look at the set sizes too."),
     "selective": (
         "Selective prediction answers automatically only when the score clears a threshold and sends the rest "
         "to review. The threshold was chosen on the calibration split as the one accepting the most images while "

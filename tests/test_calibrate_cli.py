@@ -133,6 +133,9 @@ def test_fit_equals_the_calibration_package_on_independently_collected_logits(
     served = summarize(independent["test_logits"], t).probs
     sets = cal.prediction_sets(served, c.threshold_for(0.1), c.conformal_score)
     assert m["conformal"]["alpha=0.1"]["coverage"] == pytest.approx(cal.conformal_coverage(sets, test_labels)[0])
+    bare = cal.prediction_sets(served, c.threshold_for(0.1), c.conformal_score, allow_empty=True)
+    assert m["conformal"]["alpha=0.1"]["bare_coverage"] == pytest.approx(cal.conformal_coverage(bare, test_labels)[0])
+    assert m["conformal"]["alpha=0.1"]["empty_fraction"] == pytest.approx(float((~bare.any(dim=1)).double().mean()))
 
 
 def test_predict_applies_the_stored_calibration(run: dict[str, Any], independent: dict[str, torch.Tensor]) -> None:
@@ -175,6 +178,29 @@ def test_report_is_self_contained_and_metrics_hold_every_section(run: dict[str, 
     assert m["setup"]["model_selected_on_calibration_split"] is False  # the test model was never trained
     assert m["temperature"]["calibration_nll_after"] <= m["temperature"]["calibration_nll_before"]
 
+    # served sets (top class added) and bare split-conformal sets (may be empty) of every (alpha, score) row
+    assert len(m["conformal"]) == 4  # 2 alphas x (stored score, the other one)
+    for row in m["conformal"].values():
+        assert 0.0 <= row["empty_fraction"] <= 1.0
+        assert 0.0 <= row["bare_coverage"] <= row["coverage"] <= 1.0
+        assert row["coverage"] >= row["top1_accuracy"]
+        assert 0.0 <= row["bare_mean_set_size"] <= row["mean_set_size"] <= 10.0
+        # the top class adds exactly one class to every empty bare set and at most one to the others
+        assert row["mean_set_size"] - row["bare_mean_set_size"] >= row["empty_fraction"] - 1e-12
+        assert row["bare_coverage_std_error"] == pytest.approx(
+            (row["bare_coverage"] * (1 - row["bare_coverage"]) / QUICK_IMAGES) ** 0.5)
+    for a in ("0.05", "0.1"):
+        row = m["conformal"][f"alpha={a}"]
+        goal = m["goals"][f"coverage alpha={a}"]
+        assert goal["measured"] == row["bare_coverage"]  # judged on the sets the conformal guarantee is about
+        assert goal["met"] is (abs(row["bare_coverage"] - (1 - float(a))) <= 0.02 + 1e-9)
+        assert "unreachable" not in goal["note"] and f"cover {row['coverage']:.3f}" in goal["note"]
+        assert m["shift"][f"bare_coverage_alpha_{a}"][0] == pytest.approx(row["bare_coverage"])
+        assert m["shift"][f"empty_fraction_alpha_{a}"][0] == pytest.approx(row["empty_fraction"])
+        assert m["shift"][f"coverage_alpha_{a}"][0] == pytest.approx(row["coverage"])
+    page = (out / "report.html").read_text()
+    assert "bare_coverage" in page and "empty_fraction" in page
+
 
 def test_json_headline_reads_the_metrics(run: dict[str, Any]) -> None:
     h = run["headline"]
@@ -183,10 +209,58 @@ def test_json_headline_reads_the_metrics(run: dict[str, Any]) -> None:
     assert h["coverage"] == {"0.05": m["conformal"]["alpha=0.05"]["coverage"],
                              "0.1": m["conformal"]["alpha=0.1"]["coverage"]}
     assert h["mean_set_size"]["0.1"] == m["conformal"]["alpha=0.1"]["mean_set_size"]
+    for key in ("bare_coverage", "bare_mean_set_size", "empty_fraction"):
+        assert h[key] == {a: m["conformal"][f"alpha={a}"][key] for a in ("0.05", "0.1")}
     assert h["selective_coverage"] == m["selective"]["test"]["coverage"]
     assert h["ood_auroc_mutual_information"] == {s: m["ood"][f"{s}/mutual_information"]["auroc"]
                                                  for s in ("uniform_noise", "photo_crops")}
     assert h["quick"] is True and h["num_samples"] == QUICK_SAMPLES
+
+
+def test_conformal_figures_measure_bare_and_served_sets_and_the_goal_reads_the_bare_ones() -> None:
+    """On an accurate classifier the two kinds of set differ; the quick run's random model has no empty sets."""
+    from snodevit.calibrate import CalibrateConfig, _conformal_figures, _goals
+
+    # calibrated synthetic probabilities, ~99 % top-1 accuracy: one class per image gets a logit boost of ~10
+    g = torch.Generator().manual_seed(0)
+    n, c, alpha = 6000, 10, 0.1
+    logits = torch.randn(n, c, generator=g, dtype=torch.float64)
+    logits[torch.arange(n), torch.randint(0, c, (n,), generator=g)] += 10.0 + 2.0 * torch.randn(
+        n, generator=g, dtype=torch.float64)
+    probs = logits.softmax(dim=1)
+    labels = torch.multinomial(probs, 1, generator=g).squeeze(1)
+    q = cal.fit_conformal_threshold(probs[:2000], labels[:2000], alpha, "lac")
+    test_p, test_y = probs[2000:], labels[2000:]
+
+    row = _conformal_figures(test_p, test_y, q, "lac", alpha)
+    served = cal.prediction_sets(test_p, q, "lac")
+    bare = cal.prediction_sets(test_p, q, "lac", allow_empty=True)
+    assert (row["coverage"], row["mean_set_size"]) == pytest.approx(cal.conformal_coverage(served, test_y))
+    assert (row["bare_coverage"], row["bare_mean_set_size"]) == pytest.approx(cal.conformal_coverage(bare, test_y))
+    assert row["empty_fraction"] == pytest.approx(float((~bare.any(dim=1)).double().mean()))
+    assert 0.05 < row["empty_fraction"] < 0.15
+    assert abs(row["bare_coverage"] - (1 - alpha)) <= 0.02  # ~2.5 sd (calibration split 0.0067, test 0.0047)
+    assert row["coverage"] >= row["top1_accuracy"] > 1 - alpha + 0.02  # the served sets over-cover
+
+    m = {"calibration": {"after": {"ece": 0.005, "accuracy": row["top1_accuracy"]}}, "conformal": {"alpha=0.1": row}}
+    goal = _goals(m, CalibrateConfig(alphas=(alpha,)))["coverage alpha=0.1"]
+    assert goal["measured"] == row["bare_coverage"] and goal["met"] is True
+    assert "unreachable" not in goal["note"]
+    assert f"cover {row['coverage']:.3f} (>= top-1 accuracy {row['top1_accuracy']:.3f})" in goal["note"]
+    assert f"{100 * row['empty_fraction']:.1f}% of them empty" in goal["note"]
+
+
+def test_human_printout_shows_bare_and_served_sets(run: dict[str, Any]) -> None:
+    from snodevit.commands.calibrate import _human
+
+    h = run["headline"]
+    text = _human(h, run["model"], run["out"], quick=True)
+    for a in ("0.05", "0.1"):
+        assert f"alpha {a}, target coverage {100 * (1 - float(a)):.2f}%:" in text
+        assert (f"bare sets {{y : score <= q}}: coverage {100 * h['bare_coverage'][a]:.2f}%, mean size "
+                f"{h['bare_mean_set_size'][a]:.3f}, {100 * h['empty_fraction'][a]:.2f}% empty") in text
+        assert (f"served sets (top class added, never empty): coverage {100 * h['coverage'][a]:.2f}%, mean size "
+                f"{h['mean_set_size'][a]:.3f}") in text
 
 
 @pytest.mark.parametrize("meta, selected", [

@@ -71,8 +71,13 @@ def _human(h: dict[str, Any], model: Path, out: Path, quick: bool) -> str:
              f"  test ECE {pct(h['ece_before'])} -> {pct(h['ece_after'])}   NLL {h['nll_before']:.4f} -> "
              f"{h['nll_after']:.4f}"]
     for a, cov in h["coverage"].items():
-        lines.append(f"  conformal ({h['conformal_score']}) alpha {a}: coverage {pct(cov)} (target "
-                     f"{pct(1 - float(a))}), mean set size {h['mean_set_size'][a]:.3f}")
+        # the bare sets are the ones the guarantee covers; the served ones add the top class, so they cover at
+        # least as often as the model is right, whatever alpha asks for
+        lines.append(f"  conformal ({h['conformal_score']}) alpha {a}, target coverage {pct(1 - float(a))}:")
+        lines.append(f"    bare sets {{y : score <= q}}: coverage {pct(h['bare_coverage'][a])}, mean size "
+                     f"{h['bare_mean_set_size'][a]:.3f}, {pct(h['empty_fraction'][a])} empty")
+        lines.append(f"    served sets (top class added, never empty): coverage {pct(cov)}, mean size "
+                     f"{h['mean_set_size'][a]:.3f}")
     thr = h["decision_threshold"]
     if thr is None:  # no threshold reached the target risk on the calibration split
         lines.append(f"  accept rule: no {h['decision_score']} threshold reaches {pct(h['target_risk'])} risk on the "
