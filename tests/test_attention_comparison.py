@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -11,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from _benchmarks import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "attention_comparison.py"
@@ -131,19 +132,9 @@ def test_accuracy_matches_a_plain_loop_and_torchmetrics(quick_run) -> None:
     assert row["accuracy"] == run["accuracy"] and row["nll"] == run["nll"]
 
 
-def _module():
-    """The script as a module (registered first: its dataclasses resolve their annotations through sys.modules)."""
-    if "attention_comparison" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("attention_comparison", SCRIPT)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["attention_comparison"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["attention_comparison"]
-
-
 def test_a_rerun_reuses_matching_checkpoints_and_retrains_changed_ones(quick_run, tmp_path: Path) -> None:
     out, runs, _ = quick_run
-    ac = _module()
+    ac = load_benchmark("attention_comparison")
     report = json.loads((out / "attention-comparison.json").read_text())
     shutil.copytree(runs, tmp_path / "runs")
     plan = ac.make_plan(ac.parse_args(["--quick", "--device", "cpu"]))
@@ -164,7 +155,7 @@ def test_a_rerun_reuses_matching_checkpoints_and_retrains_changed_ones(quick_run
     (["--num-samples", "-1"], "--num-samples"),
 ])
 def test_bad_arguments_exit_2_naming_the_option(argv: list[str], message: str, capsys) -> None:
-    ac = _module()
+    ac = load_benchmark("attention_comparison")
     with pytest.raises(SystemExit) as exc:
         ac.parse_args(argv)
     assert exc.value.code == 2

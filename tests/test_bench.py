@@ -6,29 +6,17 @@ timings (parity of the backends, request statuses, batch sizes, sample counts) a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from _benchmarks import load_benchmark
 
-
-def _load_bench() -> Any:
-    spec = importlib.util.spec_from_file_location("snodevit_bench", REPO / "benchmarks" / "bench.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_benchmark("bench")
 
 
 def _strict_json(path: Path) -> dict[str, Any]:

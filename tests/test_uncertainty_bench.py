@@ -7,29 +7,17 @@ reused. The full run is for the GPU machine (see the module docstring).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from _benchmarks import load_benchmark
 
-
-def _load_bench() -> Any:
-    spec = importlib.util.spec_from_file_location("uncertainty_bench", REPO / "benchmarks" / "uncertainty.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_benchmark("uncertainty")
 
 
 def _finite_numbers(value: Any, where: str = "report") -> list[str]:
