@@ -58,7 +58,7 @@ class SNodeViTConfig:
     nystrom_landmarks: int = 8  # nystrom: landmarks (segment means of queries/keys)
     hybrid_window: int = 1  # hybrid: local window radius on the patch grid (in dilated steps)
     hybrid_dilation: int = 2  # hybrid: dilation of the local window
-    fused_attn: bool = True  # softmax only: use scaled_dot_product_attention; the explicit path is used for export/maps
+    fused_attn: bool = True  # fused kernels: softmax's scaled_dot_product_attention, ksvd's merged eval path; maps, ksvd training and softmax export stay explicit
     stem: StemType = "patch"  # "patch" (one strided conv) or "conv" (3x3 conv stack, Xiao et al. 2021)
     pool: PoolType = "cls"  # read the class token ("cls") or average the patch tokens ("mean")
     solver: SolverType = "euler"  # "euler" (Euler-Maruyama, Ito) or "heun" (Stratonovich Heun)
