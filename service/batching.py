@@ -2,8 +2,10 @@
 
 One worker task per event loop takes whatever is waiting, up to ``max_batch_size`` items, and runs the batch
 function on a single inference thread. While a pass runs, new items queue up and form the next batch, so the
-batch size follows the load by itself: an idle server answers a lone request at once (after at most
-``max_wait_s``, the window in which simultaneous arrivals join it), a busy one fills its batches. The
+batch size follows the load by itself: a busy server fills its batches, and an idle one waits up to
+``max_wait_s`` for company only when the request that woke it arrived within ``max_wait_s`` of the one before
+(a burst is arriving); a lone request (closed loop at concurrency 1, sparse traffic) runs at once instead of
+paying the window on every call. The
 model only ever runs on the one inference thread, so passes never compete for the CPU or GPU.
 
 BentoML's ``@bentoml.api(batchable=True)`` batches only calls that arrive over HTTP; reaching it from the
@@ -33,7 +35,11 @@ class MicroBatcher(Generic[T, R]):
         run: maps a list of items to a list of results of the same length, in order. Runs on ``executor``.
         executor: where ``run`` runs (one thread, so the model is used by one pass at a time).
         max_batch_size: the most items handed to one ``run`` call.
-        max_wait_s: how long the first item to reach an idle batcher waits for company.
+        max_wait_s: how long the first item to reach an idle batcher waits for company, when it arrived within
+            ``max_wait_s`` of the previous submission (0: never wait).
+
+    Attributes:
+        company_waits: how many times an idle worker waited ``max_wait_s`` for more items (for tests, metrics).
     """
 
     def __init__(self, run: Callable[[list[T]], list[R]], executor: Executor, *, max_batch_size: int,
@@ -50,6 +56,9 @@ class MicroBatcher(Generic[T, R]):
         self._pending: deque[tuple[T, asyncio.Future[R]]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._last_arrival = -float("inf")  # loop time of the latest submit
+        self._burst = False  # the latest submit came within max_wait_s of the one before it
+        self.company_waits = 0
 
     def _ensure_worker(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Event]:
         loop = asyncio.get_running_loop()
@@ -67,6 +76,9 @@ class MicroBatcher(Generic[T, R]):
         Cancelling the caller drops its items that have not started yet.
         """
         loop, wakeup = self._ensure_worker()
+        now = loop.time()
+        self._burst = now - self._last_arrival <= self.max_wait_s
+        self._last_arrival = now
         futures: list[asyncio.Future[R]] = [loop.create_future() for _ in items]
         self._pending.extend(zip(items, futures))
         wakeup.set()
@@ -88,7 +100,8 @@ class MicroBatcher(Generic[T, R]):
             if not pending:
                 wakeup.clear()
                 await wakeup.wait()
-                if self.max_wait_s > 0 and len(pending) < self.max_batch_size:
+                if self.max_wait_s > 0 and self._burst and len(pending) < self.max_batch_size:
+                    self.company_waits += 1
                     await asyncio.sleep(self.max_wait_s)
             batch: list[tuple[T, asyncio.Future[R]]] = []
             while pending and len(batch) < self.max_batch_size:
