@@ -113,7 +113,9 @@ def encode_metadata(cfg: SNodeViTConfig, meta: Mapping[str, Any], *, weights_sha
         "dynamic": "false" if static_sizes else "true",
         "static_sizes": ({"batch_size": static_sizes[0], "num_samples": static_sizes[1]} if static_sizes else None),
     }
-    return {PREFIX + k: (json.dumps(v, sort_keys=True) if k in _JSON_KEYS else str(v)) for k, v in values.items()}
+    # Strict JSON, which any ONNX tool's parser reads (Calibration.to_dict writes infinite thresholds as strings).
+    return {PREFIX + k: (json.dumps(v, sort_keys=True, allow_nan=False) if k in _JSON_KEYS else str(v))
+            for k, v in values.items()}
 
 
 def decode_metadata(props: Mapping[str, str], source: str | Path) -> dict[str, Any]:

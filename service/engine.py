@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from snodevit.images import DEFAULT_ALLOWED_FORMATS, ImageError, decode_image, normalize, to_uint8_tensor
 from snodevit.inference import AUTO, MAX_SEED, AdaptiveSampling, NumSamples, resolve_seeds
@@ -29,6 +30,7 @@ from .errors import ServiceError, invalid_parameter
 from .heatmap import overlay_png
 from .metrics import ServiceMetrics
 from .schemas import (
+    CalibrationFigures,
     CalibrationInfo,
     Classification,
     ExplainResponse,
@@ -82,6 +84,18 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
+def _calibration_figures(loaded: LoadedModel) -> CalibrationFigures | None:
+    """The test figures of the model's `snodevit calibrate` run (meta.json); None when uncalibrated or absent."""
+    raw = loaded.meta.get("calibration_figures")
+    if not loaded.calibration.is_fitted or not isinstance(raw, dict):
+        return None
+    try:
+        return CalibrationFigures.model_validate(raw)
+    except ValidationError as err:  # a figure for people to read: never a reason not to serve
+        logger.warning("calibration_figures in %s do not read, /metadata leaves them out: %s", loaded.source, err)
+        return None
+
+
 class Engine:
     """Serve one loaded model: parameter checks, safe decoding, batched Monte Carlo inference, answers.
 
@@ -102,6 +116,7 @@ class Engine:
                               backend=loaded.backend_name, device=str(loaded.device))  # type: ignore[arg-type]
         self.num_classes = len(loaded.class_names)
         self.alphas = sorted(float(a) for a in loaded.calibration.conformal_thresholds)
+        self.calibration_figures = _calibration_figures(loaded)
         self.adaptive = AdaptiveSampling(max_samples=settings.auto_max_samples,
                                          first_round=min(AdaptiveSampling.first_round, settings.auto_max_samples))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snodevit-inference")
@@ -308,15 +323,16 @@ class Engine:
     # ----------------------------------------------------------------------------------------- the rest
     def metadata(self, uploads: dict[str, str]) -> MetadataResponse:
         cal = self.loaded.calibration
+        written = cal.to_dict()  # strict JSON: an infinite threshold is the string "Infinity" / "-Infinity"
         s = self.settings
         return MetadataResponse(
             model=self.info, classes=list(self.loaded.class_names), preprocessing=self.loaded.preprocessing.to_dict(),
             config=self.loaded.cfg.to_dict(),
             calibration=CalibrationInfo(
                 fitted=cal.is_fitted, temperature=cal.temperature, conformal_score=cal.conformal_score,
-                alphas=self.alphas, conformal_thresholds=dict(cal.conformal_thresholds),
-                decision_score=cal.decision_score, decision_threshold=cal.decision_threshold,
-                target_risk=cal.target_risk, figures=dict(self.loaded.meta.get("calibration") or {})),
+                alphas=self.alphas, conformal_thresholds=written["conformal_thresholds"],
+                decision_score=cal.decision_score, decision_threshold=written["decision_threshold"],
+                target_risk=cal.target_risk, figures=self.calibration_figures),
             limits=Limits(max_bytes=s.max_bytes, max_pixels=s.max_pixels, max_request_bytes=s.max_request_bytes,
                           max_single_request_bytes=s.max_single_request_bytes, max_images=s.max_images,
                           num_samples_min=1, num_samples_max=s.max_num_samples, num_samples_default=s.num_samples,

@@ -6,9 +6,18 @@ batch-scoring CLI report the same numbers; the service adds ``model`` and ``timi
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WithJsonSchema, WrapValidator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidatorFunctionWrapHandler,
+    WithJsonSchema,
+    WrapValidator,
+)
 
 from snodevit.inference import AUTO, MAX_SEED
 
@@ -136,16 +145,75 @@ class ExplainResponse(BaseModel):
     timing: Timing
 
 
+#: A threshold as ``snodevit.inference.Calibration.to_dict`` writes it: a finite number, or the string "Infinity" /
+#: "-Infinity" (strict JSON has no infinity). A float inf is refused here, so an answer never holds ``Infinity``.
+Threshold = Annotated[float, Field(allow_inf_nan=False)] | Literal["Infinity", "-Infinity"]
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+#: A measured figure; null when it could not be computed (e.g. the risk among no accepted image), never NaN/inf.
+Figure = Annotated[float | None, BeforeValidator(_finite_or_none)]
+
+
+class CalibrationFigures(BaseModel):
+    """What ``snodevit calibrate`` measured on the held-out test split (meta.json's ``calibration_figures``).
+
+    The fitted parameters (temperature, thresholds) are the fields beside this one in ``CalibrationInfo``; the
+    local paths the command also stores (model, out, report) are left out.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    data: str | None = Field(None, description="data set whose calibration and test splits were used")
+    quick: bool | None = Field(None, description="true for a `snodevit calibrate --quick` run: figures for tests only")
+    num_samples: int | None = Field(None, description="Monte Carlo samples per image")
+    calibration_images: int | None = Field(None, description="images the calibration was fitted on")
+    test_images: int | None = Field(None, description="held-out images the figures were measured on")
+    seconds: Figure = Field(None, description="duration of the calibration run")
+    accuracy: Figure = Field(None, description="test accuracy")
+    ece_before: Figure = Field(None, description="test expected calibration error before temperature scaling (T = 1)")
+    ece_after: Figure = Field(None, description="test expected calibration error with the fitted temperature")
+    nll_before: Figure = Field(None, description="test negative log-likelihood before temperature scaling, nats")
+    nll_after: Figure = Field(None, description="test negative log-likelihood with the fitted temperature, nats")
+    coverage: dict[str, Figure] | None = Field(None, description="alpha -> share of test images whose served "
+                                               "prediction set (the top class always in it) holds the true label")
+    mean_set_size: dict[str, Figure] | None = Field(None, description="alpha -> mean size of the served sets")
+    bare_coverage: dict[str, Figure] | None = Field(None, description="alpha -> coverage of the bare sets "
+                                                    "{y : score <= q}, which may be empty: the sets the 1 - alpha "
+                                                    "guarantee is about")
+    bare_mean_set_size: dict[str, Figure] | None = Field(None, description="alpha -> mean size of the bare sets")
+    empty_fraction: dict[str, Figure] | None = Field(None, description="alpha -> share of test images whose bare "
+                                                     "set is empty")
+    selective_coverage: Figure = Field(None, description="share of test images the accept/review rule accepts")
+    selective_risk: Figure = Field(None, description="error rate among the accepted test images (target: "
+                                   "target_risk); null when none is accepted")
+    ood_auroc_max_probability: dict[str, Figure] | None = Field(None, description="OOD set -> AUROC of telling it "
+                                                                "from the test split by 1 - max probability")
+    ood_auroc_entropy: dict[str, Figure] | None = Field(None, description="OOD set -> AUROC by predictive entropy")
+    ood_auroc_mutual_information: dict[str, Figure] | None = Field(None, description="OOD set -> AUROC by mutual "
+                                                                   "information (epistemic uncertainty)")
+    rotation_accuracy: dict[str, Figure] | None = Field(None, description="rotation angle in degrees -> test "
+                                                        "accuracy on the rotated images")
+
+
 class CalibrationInfo(BaseModel):
     fitted: bool
     temperature: float
     conformal_score: str
     alphas: list[float] = Field(description="alphas with a fitted conformal threshold; the valid values of alpha")
-    conformal_thresholds: dict[str, float]
+    conformal_thresholds: dict[str, Threshold] = Field(description="alpha -> threshold of the prediction sets; "
+                                                       "'Infinity': every class is in the set")
     decision_score: str
-    decision_threshold: float | None
+    decision_threshold: Threshold | None = Field(description="accept when decision_score is >= it (confidence) or <= "
+                                                 "it (epistemic); null: every image is accepted (no rule fitted); "
+                                                 "'Infinity' / '-Infinity': none is (no threshold kept the error "
+                                                 "rate at target_risk)")
     target_risk: float | None
-    figures: dict[str, Any] = Field(description="everything `snodevit calibrate` stored (metrics before/after)")
+    figures: CalibrationFigures | None = Field(description="what `snodevit calibrate` measured on the test split; "
+                                               "null for a model without them (uncalibrated)")
 
 
 class Limits(BaseModel):

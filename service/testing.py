@@ -23,6 +23,19 @@ CALIBRATION: dict[str, Any] = {"temperature": 1.3, "conformal_score": "aps",
                                "conformal_thresholds": {"0.05": 0.9, "0.1": 0.8}, "decision_score": "confidence",
                                "decision_threshold": 0.5, "target_risk": 0.02,
                                "metrics": {"ece_before": 0.08, "ece_after": 0.02}}
+# What `snodevit calibrate` keeps in meta.json as ``calibration_figures`` (its local paths included).
+CALIBRATION_FIGURES: dict[str, Any] = {
+    "model": "/tmp/tiny", "out": "/tmp/tiny/calibration", "report": "/tmp/tiny/calibration/report.html",
+    "quick": True, "data": "mnist5k", "num_samples": 8, "calibration_images": 200, "test_images": 200,
+    "accuracy": 0.9, "temperature": 1.3, "ece_before": 0.08, "ece_after": 0.02, "nll_before": 0.4, "nll_after": 0.3,
+    "conformal_score": "aps", "coverage": {"0.05": 0.96, "0.1": 0.91}, "mean_set_size": {"0.05": 2.5, "0.1": 1.8},
+    "bare_coverage": {"0.05": 0.95, "0.1": 0.9}, "bare_mean_set_size": {"0.05": 2.4, "0.1": 1.6},
+    "empty_fraction": {"0.05": 0.0, "0.1": 0.05},
+    "decision_score": "confidence", "decision_threshold": 0.5, "target_risk": 0.02, "selective_coverage": 0.7,
+    "selective_risk": 0.015, "ood_auroc_max_probability": {"uniform_noise": 0.9, "photo_crops": 0.8},
+    "ood_auroc_entropy": {"uniform_noise": 0.91, "photo_crops": 0.81},
+    "ood_auroc_mutual_information": {"uniform_noise": 0.92, "photo_crops": None},
+    "rotation_accuracy": {"0": 0.9, "90": 0.2, "180": 0.4}, "seconds": 12.5}
 TEST_ENV = {"SNODEVIT_NUM_SAMPLES": "8", "SNODEVIT_BATCH_WAIT_MS": "20",
             "SNODEVIT_TIMEOUT_S": "60"}
 
@@ -48,6 +61,7 @@ def make_tiny_model(directory: str | os.PathLike[str], *, seed: int = 0, calibra
                             "preprocessing": load_dataset("mnist5k").preprocessing.to_dict()}
     if calibrated:
         meta["calibration"] = CALIBRATION
+        meta["calibration_figures"] = CALIBRATION_FIGURES
     return snodevit.save_model(model, directory, meta=meta)
 
 

@@ -51,15 +51,54 @@ class SamplingBackend(Protocol):
                       return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
+def _threshold_to_json(value: float) -> float | str:
+    """A threshold as a strict-JSON value: a finite number as it is, +-inf as the string "Infinity" / "-Infinity".
+
+    Strict JSON has no infinity (``json.dumps`` would write the bare token ``Infinity``, which many parsers refuse);
+    Python's ``float()`` and JavaScript's ``Number()`` both read the strings back.
+
+    Raises:
+        ValueError: on NaN, which no fit produces and no rule can apply.
+    """
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError("a calibration threshold cannot be NaN")
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def _threshold_from_json(value: Any, name: str) -> float:
+    """The inverse of ``_threshold_to_json``; also takes the float inf that older files hold (bare ``Infinity``).
+
+    Raises:
+        ValueError: neither a number nor a string ``float()`` reads, or NaN.
+    """
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"calibration {name} must be a number or 'Infinity' / '-Infinity', got {value!r}") from None
+    if math.isnan(out):
+        raise ValueError(f"calibration {name} is NaN; re-run `snodevit calibrate`")
+    return out
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """Post-hoc calibration fitted by `snodevit calibrate`, stored with the model and applied by ``predict``."""
+    """Post-hoc calibration fitted by `snodevit calibrate`, stored with the model and applied by ``predict``.
+
+    Thresholds may be infinite: a conformal threshold of +inf puts every class in the set (the calibration split
+    was too small for that alpha); a decision threshold of +inf (confidence) or -inf (epistemic) accepts no image
+    (no threshold kept the error rate at ``target_risk``). ``to_dict`` writes them as the strings ``"Infinity"``
+    and ``"-Infinity"``, so meta.json, the ONNX metadata and the service's answers stay strict JSON; ``from_dict``
+    reads those strings, plain numbers, and the float inf of older files written with the bare ``Infinity`` token.
+    """
 
     temperature: float = 1.0  # T: every sample's logits are divided by T before averaging
     conformal_score: str = "aps"  # "lac" or "aps" non-conformity score of the prediction sets
-    conformal_thresholds: dict[str, float] = field(default_factory=dict)  # str(alpha) -> fitted threshold
+    conformal_thresholds: dict[str, float] = field(default_factory=dict)  # str(alpha) -> threshold; inf: every class
     decision_score: str = "confidence"  # "confidence" or "epistemic": what the accept/review rule looks at
-    decision_threshold: float | None = None  # accept when confidence >= it (or epistemic <= it); None: accept all
+    decision_threshold: float | None = None  # accept when confidence >= it (epistemic <= it); None: all; +-inf: none
     target_risk: float | None = None  # error rate among accepted images the threshold was fitted for
 
     @property
@@ -67,19 +106,32 @@ class Calibration:
         return bool(self.conformal_thresholds) or self.decision_threshold is not None or self.temperature != 1.0
 
     def to_dict(self) -> dict[str, Any]:
+        """Strict JSON (``json.dumps(..., allow_nan=False)`` takes it): infinite thresholds become strings.
+
+        Raises:
+            ValueError: a NaN threshold.
+        """
+        decision = None if self.decision_threshold is None else _threshold_to_json(self.decision_threshold)
         return {"temperature": self.temperature, "conformal_score": self.conformal_score,
-                "conformal_thresholds": dict(self.conformal_thresholds), "decision_score": self.decision_score,
-                "decision_threshold": self.decision_threshold, "target_risk": self.target_risk}
+                "conformal_thresholds": {k: _threshold_to_json(v) for k, v in self.conformal_thresholds.items()},
+                "decision_score": self.decision_score, "decision_threshold": decision, "target_risk": self.target_risk}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "Calibration":
+        """Read ``to_dict``'s output, or an older one holding float inf; empty or None: no calibration.
+
+        Raises:
+            ValueError: a threshold that is neither a number nor "Infinity" / "-Infinity", or is NaN.
+        """
         if not data:
             return cls()
+        decision = data.get("decision_threshold")
         return cls(temperature=float(data.get("temperature", 1.0)),
                    conformal_score=str(data.get("conformal_score", "aps")),
-                   conformal_thresholds={str(k): float(v) for k, v in (data.get("conformal_thresholds") or {}).items()},
+                   conformal_thresholds={str(k): _threshold_from_json(v, f"conformal threshold of alpha {k}")
+                                         for k, v in (data.get("conformal_thresholds") or {}).items()},
                    decision_score=str(data.get("decision_score", "confidence")),
-                   decision_threshold=None if data.get("decision_threshold") is None else float(data["decision_threshold"]),
+                   decision_threshold=None if decision is None else _threshold_from_json(decision, "decision_threshold"),
                    target_risk=None if data.get("target_risk") is None else float(data["target_risk"]))
 
     def threshold_for(self, alpha: float) -> float:

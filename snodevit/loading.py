@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 
-from .checkpoint import CheckpointError, load_model
+from .checkpoint import CheckpointError, load_model, read_meta
 from .config import SNodeViTConfig
 from .images import Preprocessing
 from .inference import Calibration, Prediction, SamplingBackend, predict
@@ -80,5 +80,21 @@ def open_model(path: str | Path, backend: BackendName = "torch", device: str = "
         pred = OnnxPredictor(onnx_path, device=device)  # its "auto" also checks ORT's CUDA provider
         dev = str(pred.device)
         return LoadedModel(pred, "onnx", dev, pred.cfg, list(pred.class_names), pred.preprocessing,
-                           pred.calibration, pred.weights_sha256, str(onnx_path), {})
+                           pred.calibration, pred.weights_sha256, str(onnx_path),
+                           _meta_beside(onnx_path, pred.weights_sha256, pred.calibration))
     raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+
+
+def _meta_beside(onnx_path: Path, weights_sha256: str, calibration: Calibration) -> dict[str, Any]:
+    """The meta.json next to a graph (a store entry keeps both) if it has the graph's weights and calibration, else {}.
+
+    The graph is served from its own metadata alone; meta.json only adds what people read, such as the
+    ``calibration_figures`` that /metadata shows.
+    """
+    try:
+        meta = read_meta(onnx_path.parent)
+        same = (meta.get("weights_sha256") == weights_sha256
+                and Calibration.from_dict(meta.get("calibration")) == calibration)
+    except (CheckpointError, ValueError, TypeError, AttributeError):
+        return {}
+    return meta if same else {}

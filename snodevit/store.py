@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import CONFIG_FILE, META_FILE, WEIGHTS_FILE, CheckpointError, load_model, weights_hash
+from .inference import Calibration
 
 if TYPE_CHECKING:
     from bentoml import Tag
@@ -118,7 +119,10 @@ def headline_metadata(meta: Mapping[str, Any], weights_sha256: str, has_onnx: bo
         A JSON-able dict; calibration figures (temperature, thresholds and any metrics ``snodevit calibrate``
         stored) are flattened to ``"calibration.<path>": value`` with at most 64 entries.
     """
-    calibration = meta.get("calibration") or {}
+    calibration = dict(meta.get("calibration") or {})
+    if calibration:  # thresholds as Calibration writes them: an older file's float inf shows as "Infinity", not dropped
+        written = Calibration.from_dict(calibration).to_dict()
+        calibration |= {k: written[k] for k in ("conformal_thresholds", "decision_threshold") if k in calibration}
     figures = dict(_figures(calibration, "calibration."))
     if len(figures) > _MAX_FIGURES:
         logger.info("keeping the first %d of %d calibration figures in the store metadata", _MAX_FIGURES, len(figures))
@@ -149,7 +153,8 @@ def _check_onnx(onnx_path: Path, weights_sha256: str, meta: Mapping[str, Any]) -
                               "re-run `snodevit export`")
     want = meta.get("calibration")
     have = onnx_meta["calibration"].to_dict() if onnx_meta["calibration"].is_fitted else None
-    if want and have is not None and {k: want.get(k) for k in have} != have:
+    # Both sides through Calibration: an older meta.json holds float inf where a new graph holds "Infinity".
+    if want and have is not None and Calibration.from_dict(want).to_dict() != have:
         raise CheckpointError(f"{onnx_path} carries a different calibration than meta.json (calibrated after "
                               "exporting?); re-run `snodevit export` so both backends give the same answers")
     if want and have is None:

@@ -177,6 +177,26 @@ def test_metadata_round_trips_and_the_file_alone_describes_the_model(exported: E
     assert SNodeViT(md["config"]).noise_shape(2, 4) == m.noise_shape(2, 4)  # rebuildable from the file
 
 
+def _refuse_non_strict(token: str) -> None:
+    raise AssertionError(f"not strict JSON: holds {token}")
+
+
+def test_metadata_is_strict_json_and_reads_infinite_thresholds_back() -> None:
+    """A calibration that accepts nothing and puts every class in the set; and one from an older meta.json."""
+    from export.metadata import decode_metadata, encode_metadata
+
+    cfg = _model().cfg
+    for threshold in (float("inf"), "Infinity"):  # an older meta.json's float inf, and what to_dict writes now
+        calibration = {**META["calibration"], "conformal_thresholds": {"0.1": threshold},
+                       "decision_score": "confidence", "decision_threshold": threshold}
+        props = encode_metadata(cfg, {**META, "calibration": calibration}, weights_sha256="ab" * 32, opset=18,
+                                attention_maps=False, static_sizes=None, version="test")
+        written = json.loads(props["snodevit.calibration"], parse_constant=_refuse_non_strict)
+        assert written["decision_threshold"] == written["conformal_thresholds"]["0.1"] == "Infinity"
+        md = decode_metadata(props, "test.onnx")
+        assert md["calibration"].decision_threshold == md["calibration"].threshold_for(0.1) == float("inf")
+
+
 def _foreign_onnx(path: Path) -> None:
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])

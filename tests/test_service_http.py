@@ -151,6 +151,7 @@ def test_metadata_health_and_docs(client) -> None:
     assert md.status_code == 200
     body = md.json()
     assert body["classes"] == [str(i) for i in range(10)] and body["calibration"]["alphas"] == [0.05, 0.1]
+    assert body["calibration"]["figures"]["ece_after"] == 0.02  # meta.json's calibration_figures
     assert body["limits"]["max_bytes"] == 10 * MiB and "/classify" in body["uploads"]
     assert client.get("/livez").status_code == 200 and client.get("/readyz").status_code == 200
     spec = client.get("/docs.json").json()

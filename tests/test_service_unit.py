@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from starlette.responses import JSONResponse, Response
 
-from service.testing import CALIBRATION, prepare_service
+from service.testing import CALIBRATION, CALIBRATION_FIGURES, prepare_service
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -179,11 +179,54 @@ def test_metadata_describes_model_calibration_and_limits(svc) -> None:
     md = json.loads(svc.metadata().body)
     assert md["classes"] == [str(i) for i in range(10)]
     assert md["calibration"]["alphas"] == [0.05, 0.1] and md["calibration"]["temperature"] == 1.3
-    assert md["calibration"]["figures"]["metrics"] == CALIBRATION["metrics"]
+    figures = md["calibration"]["figures"]  # what `snodevit calibrate` measured, from meta.json
+    assert figures["ece_before"] == 0.08 and figures["ece_after"] == 0.02
+    assert figures["coverage"] == CALIBRATION_FIGURES["coverage"] and figures["selective_risk"] == 0.015
+    assert figures["bare_coverage"] == CALIBRATION_FIGURES["bare_coverage"]
+    assert figures["ood_auroc_mutual_information"] == {"uniform_noise": 0.92, "photo_crops": None}
+    assert not {"model", "out", "report"} & set(figures)  # the calibrating machine's paths stay private
     assert md["config"]["depth"] == 2 and md["preprocessing"]["image_size"] == 28
     lim = md["limits"]
     assert lim["num_samples_default"] == 8 and lim["num_samples_max"] == 256 and lim["top_k_max"] == 10
     assert lim["max_images"] == 64 and "PNG" in lim["allowed_formats"]
+
+
+def test_metadata_is_strict_json_with_infinite_thresholds_and_figures_only_when_calibrated(prepared) -> None:
+    """Infinite thresholds (no rule kept the risk target; a split too small for alpha) answer as strings."""
+    import dataclasses
+
+    from service.engine import Engine
+    from service.settings import ServiceSettings
+    from snodevit.inference import Calibration
+    from snodevit.loading import open_model
+
+    def strict(body: bytes) -> dict[str, Any]:
+        def refuse(token: str) -> None:
+            raise AssertionError(f"/metadata holds {token}: not strict JSON")
+
+        return json.loads(body, parse_constant=refuse)
+
+    loaded = open_model(prepared.model_dir)
+    review_all = Calibration(temperature=1.3, conformal_thresholds={"0.05": math.inf, "0.1": 0.8},
+                             decision_threshold=math.inf, target_risk=0.001)
+    unreadable = {**loaded.meta, "calibration_figures": {"accuracy": "high"}}
+    cases = {"review all": (review_all, loaded.meta), "uncalibrated": (Calibration(), loaded.meta),
+             "unreadable figures": (review_all, unreadable)}
+    answers = {}
+    for name, (cal, meta) in cases.items():
+        engine = Engine(dataclasses.replace(loaded, calibration=cal, meta=meta), ServiceSettings(), name="t",
+                        tag="t:1")
+        try:
+            answers[name] = strict(JSONResponse(engine.metadata({}).model_dump(mode="json")).body)["calibration"]
+        finally:
+            engine.close()
+    review = answers["review all"]
+    assert review["decision_threshold"] == "Infinity" and review["conformal_thresholds"] == {"0.05": "Infinity",
+                                                                                              "0.1": 0.8}
+    assert review["alphas"] == [0.05, 0.1] and review["figures"]["test_images"] == 200
+    plain = answers["uncalibrated"]
+    assert plain["fitted"] is False and plain["decision_threshold"] is None and plain["figures"] is None
+    assert answers["unreadable figures"]["figures"] is None  # figures for people never stop the service
 
 
 @pytest.mark.parametrize(("kwargs", "status", "error", "names"), [
@@ -258,6 +301,42 @@ def test_batcher_groups_concurrent_items_and_keeps_order() -> None:
         assert out == [[2 * i, 200 + 2 * i] for i in range(5)]
         assert max(len(b) for b in seen) == 4 and sum(len(b) for b in seen) == 10
         assert run(batcher.submit([7])) == [14]  # a new event loop gets a new worker
+        batcher.close()
+
+
+def test_batcher_waits_for_company_only_in_a_burst() -> None:
+    """A lone request runs at once; submissions arriving together wait the window and share a pass."""
+    from service.batching import MicroBatcher
+
+    seen: list[list[int]] = []
+
+    def echo(items: list[int]) -> list[int]:
+        seen.append(list(items))
+        return items
+
+    with ThreadPoolExecutor(1) as pool:
+        batcher = MicroBatcher(echo, pool, max_batch_size=8, max_wait_s=0.02)
+
+        async def lone() -> list[list[int]]:
+            out = []
+            for i in range(3):
+                out.append(await batcher.submit([i]))
+                await asyncio.sleep(0.05)  # longer than the window: no company expected
+            return out
+
+        assert run(lone()) == [[0], [1], [2]]
+        assert batcher.company_waits == 0 and seen == [[0], [1], [2]]
+
+        async def burst() -> list[list[int]]:
+            first = await batcher.submit([10])  # after a quiet spell: runs alone, at once
+            second = asyncio.create_task(batcher.submit([11]))  # right behind it: a burst, so the worker waits
+            await asyncio.sleep(0)
+            rest = [asyncio.create_task(batcher.submit([12 + i])) for i in range(2)]  # ... and these join
+            return [first, await second, *[await t for t in rest]]
+
+        seen.clear()
+        assert run(burst()) == [[10], [11], [12], [13]]
+        assert batcher.company_waits == 1 and seen == [[10], [11, 12, 13]]
         batcher.close()
 
 

@@ -109,6 +109,18 @@ def test_headline_metadata_keeps_scalars_only() -> None:
     assert not any(k.startswith(("calibration.curve", "calibration.bad", "calibration.deep.x.y")) for k in md)
 
 
+def test_headline_metadata_keeps_infinite_thresholds_as_strict_json() -> None:
+    """An older meta.json holds float inf (read from the bare Infinity token), a newer one the string."""
+    for threshold in (float("inf"), "Infinity"):
+        meta = {"class_names": ["a", "b"], "preprocessing": {"image_size": 8},
+                "calibration": {"temperature": 1.5, "conformal_thresholds": {"0.1": threshold},
+                                "decision_threshold": threshold, "metrics": {"ece": 0.1}}}
+        md = headline_metadata(meta, "ab" * 32, has_onnx=False)
+        assert md["calibration.decision_threshold"] == md["calibration.conformal_thresholds.0.1"] == "Infinity"
+        assert md["calibration.metrics.ece"] == 0.1
+        json.dumps(md, allow_nan=False)
+
+
 @pytest.mark.slow
 def test_onnx_graph_is_stored_checked_and_served_alike(model_dir: Path, home: Path, tmp_path: Path) -> None:
     """The stored graph answers like the torch weights through the service engine (same noise, same numbers)."""
@@ -135,6 +147,8 @@ def test_onnx_graph_is_stored_checked_and_served_alike(model_dir: Path, home: Pa
             params = engine.check(num_samples=4, seed=11, top_k=3, alpha=None)
             [(record, _)], _ = asyncio.run(engine.classify([image], params, endpoint="test"))
             explained, _ = asyncio.run(engine.explain(image, params, endpoint="test"))
+            figures = engine.metadata({}).calibration.figures  # the graph's meta.json beside it, for onnx too
+            assert figures is not None and figures.ece_after == 0.02, backend
         finally:
             engine.close()
         assert engine.info.backend == backend
