@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from snodevit import MNIST_OVERRIDES, CheckpointError, create_model, load_model, save_model
-from snodevit.cli import main
+from snodevit.cli import build_parser, main
 from snodevit.data import load_dataset
 from snodevit.train import TrainConfig, train_model
 
@@ -90,6 +91,13 @@ def test_cli_train_then_evaluate_json(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 0
     figures = json.loads(capsys.readouterr().out)
     assert figures["config"]["image_size"] == 16 and figures["best_epoch"] >= 1
+    # The checkpoint says how it was made: the full command, defaults spelled out, re-parsable to the same run.
+    made = json.loads((out / "meta.json").read_text())["provenance"]
+    argv = shlex.split(made["command"])
+    assert argv[:2] == ["snodevit", "train"] and made["torch"] == torch.__version__ and made["device"] == "cpu"
+    again = build_parser().parse_args(argv[1:])
+    assert (again.epochs, again.batch_size, again.noise_dim, again.image_size, again.out, again.variant) == \
+        (2, 8, 4, 16, out, "tiny")
     code = main(["evaluate", "--model", str(out), "--data", f"imagefolder:{data}", "--split", "test",
                  "--num-samples", "3", "--json"])
     assert code == 0

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import shlex
 import sys
 import time
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from ..config import ATTENTION_TYPES, POOL_TYPES, SOLVER_TYPES, get_config, list_variants
 from ..data import load_dataset
+from ..machine import cpu_name
 from ..model import SNodeViT, count_parameters
 from ..train import TrainConfig, train_model
 from ._common import add_device_flag, add_json_flag, emit, positive_int, resolve_device
@@ -61,6 +65,29 @@ def model_overrides_for(prep_size: int, channels: int, num_classes: int) -> dict
     return dict(image_size=prep_size, in_channels=channels, patch_size=patch, num_classes=num_classes, stem="conv")
 
 
+_RECIPE_OPTIONS = ("variant", "data", "epochs", "batch_size", "lr", "seed", "keep", "attention", "solver", "num_steps",
+                   "noise_dim", "diffusion_scale", "pool", "dropout", "ood_diffusion_weight", "ood_diffusion_scale",
+                   "image_size", "device", "out")
+
+
+def provenance(args: argparse.Namespace, device: torch.device | str) -> dict[str, str]:
+    """How a checkpoint was made: the full `snodevit train` command (defaults spelled out), where and when."""
+    parts = ["snodevit", "train"]
+    for name in _RECIPE_OPTIONS:
+        value = getattr(args, name, None)
+        if value is not None:
+            parts += [f"--{name.replace('_', '-')}", str(value)]
+    return {"command": shlex.join(parts), "device": str(device), "cpu": cpu_name(), "torch": torch.__version__,
+            "snodevit": _version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("snodevit")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     augment = "light_flip" if args.data.startswith("cifar10") else "light"
@@ -83,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, keep=args.keep,
                      ood_diffusion_weight=args.ood_diffusion_weight)
     meta = {"class_names": bundle.class_names, "preprocessing": prep.to_dict(), "data": bundle.spec,
-            "variant": args.variant}
+            "variant": args.variant, "provenance": provenance(args, device)}
     if not args.json:
         print(f"training {args.variant} ({count_parameters(model) / 1e6:.2f}M parameters, {cfg.attention} attention, "
               f"{cfg.solver} x {cfg.num_steps}, noise dim {cfg.noise_dim}) on {bundle.name}: "
