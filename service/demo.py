@@ -131,11 +131,13 @@ def main(argv: Sequence[str] | None = None, runner: Runner = _snodevit) -> int:
             raise SystemExit(f"service.demo: `snodevit {' '.join(argv_)}` failed with exit code {code}")
 
     out = args.out
+    new_weights = False  # weights just written to `out`: any graph already there belongs to older ones
     if trained(out):
         print(f"== train: reusing the finished run in {out}")
     elif args.pretrained is not None:
         t0 = time.perf_counter()
         digest = copy_pretrained(args.pretrained, out)
+        new_weights = True
         steps.append(("copy checkpoint", time.perf_counter() - t0))
         recipe = (json.loads((out / "meta.json").read_text()).get("provenance") or {}).get("command")
         print(f"== train: skipped, using the shipped checkpoint {args.pretrained} (weights {digest[:12]} verified"
@@ -143,6 +145,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner = _snodevit) -> int:
     else:
         step("train", ["train", "--variant", "tiny", "--data", args.data, "--epochs", str(args.epochs),
                        "--out", str(out), *extra])
+        new_weights = True
     ran_calibration = False
     if not has_command("calibrate"):
         print("== calibrate: skipped (this snodevit has no `calibrate` command; the model is served uncalibrated)")
@@ -158,7 +161,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner = _snodevit) -> int:
     if not has_command("export"):
         print("== export: skipped (this snodevit has no `export` command)")
         onnx = None
-    elif onnx.is_file() and not ran_calibration:
+    elif onnx.is_file() and not (ran_calibration or new_weights):
         print(f"== export: reusing {onnx}")
     else:
         try:

@@ -15,8 +15,8 @@ from snodevit.store import stored_metadata, temporary_home
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _finished(directory: Path) -> Path:
-    make_tiny_model(directory, calibrated=False)
+def _finished(directory: Path, calibrated: bool = False) -> Path:
+    make_tiny_model(directory, calibrated=calibrated)
     meta = json.loads((directory / "meta.json").read_text())
     # make_tiny_model writes an untrained model: give it the history of a finished one-epoch run
     update_meta(directory, training={"config": {"epochs": 1}, "history": [{"epoch": 1, "val_accuracy": 0.1}]},
@@ -64,3 +64,20 @@ def test_shipped_demo_checkpoint_matches_its_hash_and_recipe() -> None:
     assert weights_hash(model) == meta["weights_sha256"]
     assert meta["data"] == "mnist5k" and meta["variant"] == "tiny" and demo.trained(REPO / "models/snodevit-mnist")
     assert meta["provenance"]["command"].startswith("snodevit train")
+
+
+def test_a_graph_left_from_older_weights_is_exported_again(tmp_path: Path) -> None:
+    """`--out` holding an unfinished run and its graph: the copied checkpoint gets a new graph, not the stale one."""
+    source, out = _finished(tmp_path / "shipped", calibrated=True), tmp_path / "run"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"graph of some older weights")
+    calls: list[str] = []
+
+    def fake_snodevit(argv: list[str]) -> int:
+        calls.append(argv[0])
+        return 1 if argv[0] == "export" else 0
+
+    with temporary_home(tmp_path / "bentoml"):
+        assert demo.main(["--out", str(out), "--pretrained", str(source)], fake_snodevit) == 0
+        assert calls == ["export"]  # calibrated already: only the graph is made
+        assert stored_metadata("snodevit-mnist:latest")["backends"] == ["torch"]
