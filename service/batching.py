@@ -2,9 +2,10 @@
 
 One worker task per event loop takes whatever is waiting, up to ``max_batch_size`` items, and runs the batch
 function on a single inference thread. While a pass runs, new items queue up and form the next batch, so the
-batch size follows the load by itself: a busy server fills its batches, and an idle one waits up to
-``max_wait_s`` for company only when the request that woke it arrived within ``max_wait_s`` of the one before
-(a burst is arriving); a lone request (closed loop at concurrency 1, sparse traffic) runs at once instead of
+batch size follows the load by itself: a busy server fills its batches. A worker that ran out of items waits up
+to ``max_wait_s`` for company when there is load to wait for: its last batch held several items (concurrent
+clients, whose next requests are on their way), or the request that woke it arrived within ``max_wait_s`` of the
+one before (a burst). A lone request (a closed loop at concurrency 1, sparse traffic) runs at once instead of
 paying the window on every call. The
 model only ever runs on the one inference thread, so passes never compete for the CPU or GPU.
 
@@ -35,8 +36,8 @@ class MicroBatcher(Generic[T, R]):
         run: maps a list of items to a list of results of the same length, in order. Runs on ``executor``.
         executor: where ``run`` runs (one thread, so the model is used by one pass at a time).
         max_batch_size: the most items handed to one ``run`` call.
-        max_wait_s: how long the first item to reach an idle batcher waits for company, when it arrived within
-            ``max_wait_s`` of the previous submission (0: never wait).
+        max_wait_s: how long the first item to reach an idle batcher waits for company, when the last batch held
+            several items or the item arrived within ``max_wait_s`` of the previous submission (0: never wait).
 
     Attributes:
         company_waits: how many times an idle worker waited ``max_wait_s`` for more items (for tests, metrics).
@@ -58,6 +59,7 @@ class MicroBatcher(Generic[T, R]):
         self._task: asyncio.Task[None] | None = None
         self._last_arrival = -float("inf")  # loop time of the latest submit
         self._burst = False  # the latest submit came within max_wait_s of the one before it
+        self._last_batch = 0  # items in the latest batch run
         self.company_waits = 0
 
     def _ensure_worker(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Event]:
@@ -100,7 +102,8 @@ class MicroBatcher(Generic[T, R]):
             if not pending:
                 wakeup.clear()
                 await wakeup.wait()
-                if self.max_wait_s > 0 and self._burst and len(pending) < self.max_batch_size:
+                busy = self._burst or self._last_batch > 1
+                if self.max_wait_s > 0 and busy and len(pending) < self.max_batch_size:
                     self.company_waits += 1
                     await asyncio.sleep(self.max_wait_s)
             batch: list[tuple[T, asyncio.Future[R]]] = []
@@ -110,6 +113,7 @@ class MicroBatcher(Generic[T, R]):
                     batch.append((item, future))
             if not batch:
                 continue
+            self._last_batch = len(batch)
             try:
                 results = await loop.run_in_executor(self._executor, self._run, [item for item, _ in batch])
                 if len(results) != len(batch):

@@ -305,7 +305,7 @@ def test_batcher_groups_concurrent_items_and_keeps_order() -> None:
 
 
 def test_batcher_waits_for_company_only_in_a_burst() -> None:
-    """A lone request runs at once; submissions arriving together wait the window and share a pass."""
+    """A lone request runs at once; in a burst or after a shared pass the worker waits the window for company."""
     from service.batching import MicroBatcher
 
     seen: list[list[int]] = []
@@ -332,11 +332,14 @@ def test_batcher_waits_for_company_only_in_a_burst() -> None:
             second = asyncio.create_task(batcher.submit([11]))  # right behind it: a burst, so the worker waits
             await asyncio.sleep(0)
             rest = [asyncio.create_task(batcher.submit([12 + i])) for i in range(2)]  # ... and these join
-            return [first, await second, *[await t for t in rest]]
+            out = [first, await second, *[await t for t in rest]]
+            assert batcher.company_waits == 1 and seen == [[10], [11, 12, 13]]
+            await asyncio.sleep(0.05)  # no burst now, but the last pass was shared: the next arrival waits too
+            return [*out, await batcher.submit([20])]
 
         seen.clear()
-        assert run(burst()) == [[10], [11], [12], [13]]
-        assert batcher.company_waits == 1 and seen == [[10], [11, 12, 13]]
+        assert run(burst()) == [[10], [11], [12], [13], [20]]
+        assert batcher.company_waits == 2 and seen[-1] == [20]
         batcher.close()
 
 
