@@ -124,26 +124,25 @@ class SDEBlock(nn.Module):
             nn.init.normal_(self.diff_out.weight, std=cfg.noise_dim**-0.5)
         self.register_buffer("t_grid", torch.linspace(0.0, 1.0, cfg.num_steps + 1), persistent=False)
 
-    def drift(self, x: Tensor, tp: TimeParams, k: int, need_weights: bool,
-              x_norm: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def drift(self, x: Tensor, x_norm: Tensor, tp: TimeParams, k: int,
+              need_weights: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """f(X, t_k): (B, N, D) -> (B, N, D), plus the attention weights and regulariser of this evaluation.
 
-        ``x_norm`` is ``norm1(x)`` when the caller already has it (the diffusion reads it too).
+        ``x_norm`` is ``norm1(x)``, computed once by the caller because the diffusion reads it too.
         """
-        h = _modulate(self.norm1(x) if x_norm is None else x_norm, tp.shift1[k], tp.scale1[k])
+        h = _modulate(x_norm, tp.shift1[k], tp.scale1[k])
         a = self.attn(h, tp.lam[k], need_weights)
         a_out = tp.gate1[k] * a.out
         y = x + a_out
         m = tp.gate2[k] * self.mlp(_modulate(self.norm2(y), tp.shift2[k], tp.scale2[k]))
         return a_out + m, a.weights, a.reg
 
-    def diffusion(self, x: Tensor, tp: TimeParams, k: int, xi: Tensor, sqrt_dt: float,
-                  x_norm: Tensor | None = None) -> Tensor:
-        """G(X, t_k) dW with dW = sqrt(dt) xi: x (B, N, D), xi (B, N, m) standard normals -> (B, N, D).
+    def diffusion(self, x_norm: Tensor, tp: TimeParams, k: int, xi: Tensor, sqrt_dt: float) -> Tensor:
+        """G(X, t_k) dW with dW = sqrt(dt) xi: x_norm = norm1(X) (B, N, D), xi (B, N, m) normals -> (B, N, D).
 
         sqrt(dt) is folded into the (m,) gate sigma(t_k) rather than into the (B, N, m) noise.
         """
-        s = torch.sigmoid(self.diff_gate(self.norm1(x) if x_norm is None else x_norm))  # (B, N, m)
+        s = torch.sigmoid(self.diff_gate(x_norm))  # (B, N, m)
         return self.diff_out(s * (tp.sigma[k] * sqrt_dt) * xi)
 
     def forward(self, x: Tensor, noise: Tensor | None, need_weights: bool = False) -> tuple[Tensor, BlockAux]:
@@ -177,9 +176,9 @@ class SDEBlock(nn.Module):
 
         for k in range(steps):
             x_norm = self.norm1(x)  # shared by the drift and the diffusion at (x, t_k)
-            f0, w, r = self.drift(x, tp, k, need_weights, x_norm)
+            f0, w, r = self.drift(x, x_norm, tp, k, need_weights)
             collect(w, r)
-            g0 = self.diffusion(x, tp, k, noise[:, k], sqrt_dt, x_norm) if stochastic else None
+            g0 = self.diffusion(x_norm, tp, k, noise[:, k], sqrt_dt) if stochastic else None
             x_pred = torch.add(x, f0, alpha=dt)  # x + f dt (+ G dW): the Euler-Maruyama step
             if g0 is not None:
                 x_pred = x_pred + g0
@@ -187,10 +186,10 @@ class SDEBlock(nn.Module):
                 x = x_pred
             else:  # Stratonovich Heun: predictor, then trapezoidal corrector for drift and diffusion
                 pred_norm = self.norm1(x_pred)
-                f1, w, r = self.drift(x_pred, tp, k + 1, need_weights, pred_norm)
+                f1, w, r = self.drift(x_pred, pred_norm, tp, k + 1, need_weights)
                 collect(w, r)
                 x = torch.add(x, f0 + f1, alpha=0.5 * dt)
                 if g0 is not None:
-                    x = x + 0.5 * (g0 + self.diffusion(x_pred, tp, k + 1, noise[:, k], sqrt_dt, pred_norm))
+                    x = x + 0.5 * (g0 + self.diffusion(pred_norm, tp, k + 1, noise[:, k], sqrt_dt))
         weights = weights_sum / evals if weights_sum is not None else None
         return x, BlockAux(weights, reg_sum)
