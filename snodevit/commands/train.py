@@ -65,18 +65,19 @@ def model_overrides_for(prep_size: int, channels: int, num_classes: int) -> dict
     return dict(image_size=prep_size, in_channels=channels, patch_size=patch, num_classes=num_classes, stem="conv")
 
 
-_RECIPE_OPTIONS = ("variant", "data", "epochs", "batch_size", "lr", "seed", "keep", "attention", "solver", "num_steps",
-                   "noise_dim", "diffusion_scale", "pool", "dropout", "ood_diffusion_weight", "ood_diffusion_scale",
-                   "image_size", "device", "out")
+#: Parsed arguments that do not change what is trained: the rest of ``args`` is the recipe.
+_NOT_RECIPE = frozenset({"command", "func", "verbose", "json", "no_progress"})
 
 
 def provenance(args: argparse.Namespace, device: torch.device | str) -> dict[str, str]:
     """How a checkpoint was made: the full `snodevit train` command (defaults spelled out), where and when."""
     parts = ["snodevit", "train"]
-    for name in _RECIPE_OPTIONS:
-        value = getattr(args, name, None)
-        if value is not None:
-            parts += [f"--{name.replace('_', '-')}", str(value)]
+    for name, value in vars(args).items():
+        if name in _NOT_RECIPE or value is None or value is False:
+            continue
+        parts.append(f"--{name.replace('_', '-')}")
+        if value is not True:  # a switch is its flag alone
+            parts.append(str(value))
     return {"command": shlex.join(parts), "device": str(device), "cpu": cpu_name(), "torch": torch.__version__,
             "snodevit": _version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
