@@ -242,13 +242,11 @@ def _labelled_figures(p: _Pass, fitted: Calibration, rule: cal.SelectiveThreshol
     out["mean_confidence"] = float(s.confidence.double().mean())
     out["mean_entropy"] = float(s.total.double().mean())
     out["mean_mutual_information"] = float(s.epistemic.double().mean())
-    conformal = {a: _conformal_figures(s.probs, labels, fitted.threshold_for(a), fitted.conformal_score, a)
-                 for a in cfg.alphas}
-    for a, row in conformal.items():  # the served sets (top class added)
-        out[f"coverage_alpha_{a:g}"] = row["coverage"]
+    for a in cfg.alphas:
+        row = _conformal_figures(s.probs, labels, fitted.threshold_for(a), fitted.conformal_score, a)
+        out[f"coverage_alpha_{a:g}"] = row["coverage"]  # the served sets (top class added)
         out[f"set_size_alpha_{a:g}"] = row["mean_set_size"]
-    for a, row in conformal.items():  # the bare sets: the coverage the guarantee is about, and how often empty
-        out[f"bare_coverage_alpha_{a:g}"] = row["bare_coverage"]
+        out[f"bare_coverage_alpha_{a:g}"] = row["bare_coverage"]  # the sets the guarantee is about
         out[f"empty_fraction_alpha_{a:g}"] = row["empty_fraction"]
     scores, _ = _decision_scores(s, cfg.decision_score)
     sel = cal.selective_figures(scores, p.correct, rule)

@@ -152,9 +152,9 @@ def _check_onnx(onnx_path: Path, weights_sha256: str, meta: Mapping[str, Any]) -
                               f"{onnx_meta['weights_sha256'][:12]}) than the model directory ({weights_sha256[:12]}); "
                               "re-run `snodevit export`")
     want = meta.get("calibration")
-    have = onnx_meta["calibration"].to_dict() if onnx_meta["calibration"].is_fitted else None
-    # Both sides through Calibration: an older meta.json holds float inf where a new graph holds "Infinity".
-    if want and have is not None and Calibration.from_dict(want).to_dict() != have:
+    have = onnx_meta["calibration"] if onnx_meta["calibration"].is_fitted else None
+    # Compared as Calibration: an older meta.json holds float inf where a new graph holds "Infinity".
+    if want and have is not None and Calibration.from_dict(want) != have:
         raise CheckpointError(f"{onnx_path} carries a different calibration than meta.json (calibrated after "
                               "exporting?); re-run `snodevit export` so both backends give the same answers")
     if want and have is None:
