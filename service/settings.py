@@ -10,6 +10,7 @@ from typing import Literal, get_args
 
 from snodevit.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
+
 def _torch_threads() -> int:
     """torch's own intra-op thread count: OMP_NUM_THREADS when set, else the physical cores."""
     import torch
@@ -39,7 +40,7 @@ class ServiceSettings:
     max_request_bytes: int = 32 * 2**20  # largest /classify_batch body (single-image routes: max_bytes + 64 KiB)
     max_batch_size: int = 32  # the most images in one forward pass; 1 turns adaptive micro-batching off
     max_batch_rows: int = 4096  # the most images * samples in one forward pass (bounds activation memory)
-    batch_wait_ms: float = 5.0  # in a burst, how long an idle server waits for more images to share a pass
+    batch_wait_ms: float = 5.0  # in a burst or under load: how long an idle server waits for images to share a pass
     max_concurrency: int = 64  # requests in progress before new ones are refused with 429
     max_buffered_bytes: int = 256 * 2**20  # request bodies held in memory at once, all requests together (429 beyond)
     timeout_s: float = 60.0  # a request still waiting for its answer after this long gets 504
