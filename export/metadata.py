@@ -51,8 +51,7 @@ class OnnxModelError(ValueError):
 def io_shapes(cfg: SNodeViTConfig, attention_maps: bool) -> tuple[dict[str, str], dict[str, str]]:
     """Human-readable shape rules of the graph's inputs and outputs (B, S dynamic unless the graph is static)."""
     inputs = {IMAGES: f"(B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}) float32, preprocessed",
-              NOISE: (f"(S, B, {cfg.depth}, {cfg.num_steps}, {cfg.num_tokens}, {cfg.noise_dim}) float32 "
-                      "standard normals")}
+              NOISE: f"(S, B, {', '.join(map(str, cfg.noise_shape(1, 1)[2:]))}) float32 standard normals"}
     outputs = {LOGITS: f"(S, B, {cfg.num_classes}) float32"}
     if attention_maps:
         outputs[ATTENTION] = (f"(S, B, {cfg.depth}, {cfg.num_tokens}, {cfg.num_tokens}) float32 applied attention "
@@ -107,7 +106,7 @@ def encode_metadata(cfg: SNodeViTConfig, meta: Mapping[str, Any], *, weights_sha
         "weights_sha256": weights_sha256,
         "opset": str(opset),
         "inputs": inputs,
-        "noise_shape": {"rule": "(S, B, depth, K, N, m)", "depth": cfg.depth, "K": cfg.num_steps,
+        "noise_shape": {"rule": "(S, B, L, K, N, m)", "L": cfg.noise_shape(1, 1)[2], "K": cfg.num_steps,
                         "N": cfg.num_tokens, "m": cfg.noise_dim},
         "outputs": outputs,
         "dynamic": "false" if static_sizes else "true",

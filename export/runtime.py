@@ -139,7 +139,7 @@ class OnnxPredictor:
         c = self.cfg
         inputs = {i.name: i.shape for i in self._session.get_inputs()}
         want_images = [c.in_channels, c.image_size, c.image_size]
-        want_tail = [c.depth, c.num_steps, c.num_tokens, c.noise_dim]
+        want_tail = list(c.noise_shape(1, 1)[2:])
         ok = (set(inputs) == {IMAGES, NOISE} and len(inputs[IMAGES]) == 4 and list(inputs[IMAGES][1:]) == want_images
               and len(inputs[NOISE]) == 6 and list(inputs[NOISE][2:]) == want_tail
               and self._output_names[:1] == [LOGITS] and set(self._output_names) <= {LOGITS, ATTENTION})

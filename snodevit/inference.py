@@ -261,7 +261,7 @@ def draw_noise(backend: SamplingBackend, seeds: Sequence[int], num_samples: int,
     few thousand normals per sample, far below the forward pass. One draw per sample (not one for all S) makes
     the first n samples of any longer draw exactly the draw of n, which adaptive sampling relies on.
     """
-    tail = backend.noise_shape(1, 1)[2:]  # (depth, K, N, m)
+    tail = backend.noise_shape(1, 1)[2:]  # (L, K, N, m)
     noise = torch.empty((num_samples, len(seeds), *tail), dtype=dtype)
     for b, s in enumerate(seeds):
         gen = torch.Generator().manual_seed(s)

@@ -52,7 +52,7 @@ class SNodeViT(nn.Module):
             self.stem = nn.Sequential(nn.Conv2d(cfg.in_channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.dim))
-        self.blocks = nn.ModuleList(SDEBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(SDEBlock(cfg, stochastic=i >= cfg.first_noise_block) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
         self._init_weights()
@@ -89,13 +89,13 @@ class SNodeViT(nn.Module):
 
     def _check_noise(self, noise: Tensor, batch_size: int, num_samples: int | None) -> None:
         c = self.cfg
-        tail = (c.depth, c.num_steps, c.num_tokens, c.noise_dim)
+        tail = tuple(c.noise_shape(1, 1)[2:])
         ok = noise.dim() == 6 and tuple(noise.shape[2:]) == tail and noise.shape[1] == batch_size
         if ok and num_samples is not None:
             ok = noise.shape[0] == num_samples
         if not ok:
             want = self.noise_shape(batch_size, num_samples or 1)
-            raise ValueError(f"noise must have shape (S, B, depth, K, N, m) = {want} for this input, "
+            raise ValueError(f"noise must have shape (S, B, L, K, N, m) = {want} for this input, "
                              f"got {tuple(noise.shape)}")
 
     # ----------------------------------------------------------------------------------------------- SDE-Net
@@ -145,18 +145,26 @@ class SNodeViT(nn.Module):
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         return torch.cat((cls, x), dim=1) + self.pos_embed
 
-    def integrate(self, tokens: Tensor, noise: Tensor | None, need_weights: bool = False) -> tuple[Tensor, ForwardAux]:
-        """Run the SDE blocks. tokens (B', N, D); noise (B', depth, K, N, m) or None (ODE path)."""
+    def integrate(self, tokens: Tensor, noise: Tensor | None, need_weights: bool = False, *,
+                  start: int = 0, stop: int | None = None, final_norm: bool = True) -> tuple[Tensor, ForwardAux]:
+        """Run blocks ``start`` to ``stop`` (all by default). tokens (B', N, D); noise (B', L, K, N, m) or None.
+
+        The noise of the diffusion blocks among them is ``noise[:, i - first_noise_block]``; None integrates the
+        ODE. ``final_norm`` applies the closing LayerNorm (for a run that ends with the last block).
+        """
+        stop = len(self.blocks) if stop is None else stop
+        first = self.cfg.first_noise_block
         weights = []
         reg = tokens.new_zeros(())
-        for i, blk in enumerate(self.blocks):
-            tokens, aux = blk(tokens, None if noise is None else noise[:, i], need_weights)
+        for i in range(start, stop):
+            xi = None if (noise is None or i < first) else noise[:, i - first]
+            tokens, aux = self.blocks[i](tokens, xi, need_weights)
             if aux.weights is not None:
                 weights.append(aux.weights)
             if aux.reg is not None:
                 reg = reg + aux.reg
-        attn = torch.stack(weights, dim=1) if weights else None  # (B', depth, N, N)
-        return self.norm(tokens), ForwardAux(attn, reg)
+        attn = torch.stack(weights, dim=1) if weights else None  # (B', stop - start, N, N)
+        return self.norm(tokens) if final_norm else tokens, ForwardAux(attn, reg)
 
     def forward_features(self, images: Tensor, noise: Tensor | None = None, *,
                          generator: torch.Generator | None = None, need_weights: bool = False,
@@ -165,7 +173,7 @@ class SNodeViT(nn.Module):
 
         Args:
             images: (B, C, H, W) normalised images.
-            noise: (B, depth, K, N, m) standard normals; None draws it (from ``generator`` if given) when the
+            noise: (B, L, K, N, m) standard normals; None draws it (from ``generator`` if given) when the
                 model is stochastic.
         """
         self._check_input(images)
@@ -179,7 +187,7 @@ class SNodeViT(nn.Module):
             noise = None
         scale = self.diffusion_magnitude(tokens) if noise is not None else None
         if scale is not None:
-            noise = noise * scale.view(b, 1, 1, 1, 1).to(noise.dtype)  # (B, depth, K, N, m)
+            noise = noise * scale.view(b, 1, 1, 1, 1).to(noise.dtype)  # (B, L, K, N, m)
         tokens, aux = self.integrate(tokens, noise, need_weights)
         return (tokens, aux) if return_aux else tokens
 
@@ -206,7 +214,7 @@ class SNodeViT(nn.Module):
         Args:
             images: (B, C, H, W) normalised images.
             num_samples: S; taken from ``noise`` when it is given.
-            noise: (S, B, depth, K, N, m) standard normals or None to draw them.
+            noise: (S, B, L, K, N, m) standard normals or None to draw them (L = ``cfg.num_noise_blocks``).
             generator: seeds the noise drawn when ``noise`` is None.
             return_attention: also return the applied attention (S, B, depth, N, N).
 
@@ -230,15 +238,25 @@ class SNodeViT(nn.Module):
         tokens = self.embed(images)  # (B, N, D), computed once for all samples
         scale = self.diffusion_magnitude(tokens) if noise is not None else None
         if scale is not None and noise is not None:
-            noise = noise * scale.view(1, b, 1, 1, 1, 1).to(noise.dtype)  # (S, B, depth, K, N, m)
+            noise = noise * scale.view(1, b, 1, 1, 1, 1).to(noise.dtype)  # (S, B, L, K, N, m)
+        # the ODE blocks before the first diffusion block are deterministic: run once per image, shared by the
+        # samples (none in a model without diffusion, whose S passes MC dropout tells apart)
+        shared = self.cfg.first_noise_block if self.cfg.stochastic else 0
+        prefix_attn = None
+        if shared:
+            tokens, prefix = self.integrate(tokens, None, return_attention, stop=shared, final_norm=False)
+            prefix_attn = prefix.attention
         n, d = tokens.shape[1:]
         tokens = tokens.unsqueeze(0).expand(s, b, n, d).reshape(s * b, n, d)  # (S*B, N, D)
         folded = noise.reshape(s * b, *noise.shape[2:]) if (noise is not None and self.cfg.stochastic) else None
-        tokens, aux = self.integrate(tokens, folded, return_attention)
+        tokens, aux = self.integrate(tokens, folded, return_attention, start=shared)
         logits = self.forward_head(tokens).reshape(s, b, -1)  # (S, B, classes)
         if return_attention:
             assert aux.attention is not None
-            return logits, aux.attention.reshape(s, b, *aux.attention.shape[1:])
+            attn = aux.attention.reshape(s, b, *aux.attention.shape[1:])  # (S, B, depth - shared, N, N)
+            if prefix_attn is not None:
+                attn = torch.cat((prefix_attn.unsqueeze(0).expand(s, *prefix_attn.shape), attn), dim=2)
+            return logits, attn
         return logits
 
 

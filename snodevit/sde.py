@@ -104,21 +104,23 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class SDEBlock(nn.Module):
     """One continuous block: drift = attention + MLP conditioned on t, low-rank diffusion."""
 
-    def __init__(self, cfg: SNodeViTConfig) -> None:
+    def __init__(self, cfg: SNodeViTConfig, stochastic: bool | None = None) -> None:
+        """``stochastic=False`` builds an ODE block (no diffusion parameters) in a stochastic model."""
         super().__init__()
         d = cfg.dim
+        stochastic = cfg.stochastic if stochastic is None else (stochastic and cfg.stochastic)
         self.num_steps = cfg.num_steps
-        self.noise_dim = cfg.noise_dim
-        self.spec = check_solver(cfg.solver, NOISE_GENERAL if cfg.stochastic else NOISE_NONE)
+        self.noise_dim = cfg.noise_dim if stochastic else 0
+        self.spec = check_solver(cfg.solver, NOISE_GENERAL if stochastic else NOISE_NONE)
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.attn = build_attention(cfg)
         hidden = int(d * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, d),
                                  nn.Dropout(cfg.dropout))
-        self.timenet = TimeNet(d, cfg.num_heads, cfg.effective_rank, cfg.noise_dim, cfg.time_embed_dim, cfg.time_hidden_dim,
-                               cfg.diffusion_scale)
-        if cfg.stochastic:
+        self.timenet = TimeNet(d, cfg.num_heads, cfg.effective_rank, self.noise_dim, cfg.time_embed_dim,
+                               cfg.time_hidden_dim, cfg.diffusion_scale)
+        if stochastic:
             self.diff_gate = nn.Linear(d, cfg.noise_dim)  # s(X): state dependence of the diffusion
             self.diff_out = nn.Linear(cfg.noise_dim, d, bias=False)  # U: the diffusion subspace
             nn.init.normal_(self.diff_out.weight, std=cfg.noise_dim**-0.5)

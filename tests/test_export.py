@@ -37,6 +37,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
     "ksvd-sde-euler": ({}, False),
     "ksvd-sde-heun-maps": (dict(solver="heun"), True),
     "softmax-ode-euler": (dict(attention="softmax", noise_dim=0), False),
+    "ksvd-sde-last-block-maps": (dict(noise_blocks=1), True),  # ODE prefix shared by the samples
 }
 
 
@@ -169,7 +170,7 @@ def test_metadata_round_trips_and_the_file_alone_describes_the_model(exported: E
     graph_opset = {o.domain: o.version for o in onnx.load(str(exported.path)).opset_import}[""]
     assert md["opset"] == graph_opset >= 18
     c = m.cfg
-    assert md["noise_shape"] == {"rule": "(S, B, depth, K, N, m)", "depth": c.depth, "K": c.num_steps,
+    assert md["noise_shape"] == {"rule": "(S, B, L, K, N, m)", "L": c.num_noise_blocks or c.depth, "K": c.num_steps,
                                  "N": c.num_tokens, "m": c.noise_dim}
     assert md["dynamic"] is True and md["static_sizes"] is None
     assert set(md["outputs"]) == ({"logits", "attention"} if VARIANTS[exported.name][1] else {"logits"})

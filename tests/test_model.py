@@ -196,3 +196,32 @@ def test_adaptive_rank_grows_with_tokens_within_bounds() -> None:
     big = get_config("tiny", rank_mode="adaptive", image_size=112, patch_size=4)  # 785 tokens
     assert 4 <= small.effective_rank < big.effective_rank <= small.head_dim
     assert get_config("tiny").effective_rank == 8
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_noise_in_the_last_blocks_only(solver: str) -> None:
+    """noise_blocks=L: the first depth-L blocks are ODE blocks without diffusion parameters, run once per image;
+    the folded samples still equal a loop of single passes over the same noise, attention maps cover every block."""
+    m = _model(depth=3, noise_blocks=1, solver=solver)
+    assert m.cfg.num_noise_blocks == 1 and m.cfg.first_noise_block == 2
+    assert [hasattr(b, "diff_gate") for b in m.blocks] == [False, False, True]
+    x = torch.randn(2, 1, 28, 28)
+    noise = torch.randn(m.noise_shape(2, 4))
+    assert noise.shape[2] == 1
+    folded, attn = m.sample_logits(x, noise=noise, return_attention=True)
+    looped = torch.stack([m(x, noise[s]) for s in range(4)])
+    torch.testing.assert_close(folded, looped, atol=1e-5, rtol=1e-5)
+    assert attn.shape == (4, 2, 3, m.cfg.num_tokens, m.cfg.num_tokens)
+    assert torch.equal(attn[0, :, :2], attn[3, :, :2])  # shared ODE prefix: the same maps for every sample
+    assert not torch.equal(folded[0], folded[1])  # the last block still spreads the samples
+    torch.testing.assert_close(m.sample_logits(x, noise=torch.zeros_like(noise))[0],
+                               m.sample_logits(x, noise=torch.zeros_like(noise))[1])
+    m.train()
+    logits, reg = m.forward_train(x, generator=torch.Generator().manual_seed(0))
+    (logits.square().mean() + reg).backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None]
+    assert not missing, missing
+    with pytest.raises(ValueError, match=r"noise must have shape \(S, B, L, K, N, m\)"):
+        m.sample_logits(x, noise=torch.randn(4, 2, 3, *noise.shape[3:]))
+    with pytest.raises(ValueError, match="noise_blocks"):
+        get_config("tiny", **{**SMALL, "depth": 3, "noise_blocks": 4})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from ..config import ATTENTION_TYPES, MNIST_OVERRIDES, get_config, list_variants
 from ..model import SNodeViT, count_parameters
@@ -25,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = get_config(args.variant, attention=args.attention, **overrides)
         m = SNodeViT(cfg)
         rows[label] = {"parameters": count_parameters(m), "tokens": cfg.num_tokens,
-                       "noise_per_sample": cfg.depth * cfg.num_steps * cfg.num_tokens * cfg.noise_dim}
+                       "noise_per_sample": math.prod(cfg.noise_shape(1, 1))}
     cfg = get_config(args.variant, attention=args.attention)
     lines = [f"{args.variant}: dim {cfg.dim}, depth {cfg.depth}, heads {cfg.num_heads}, rank {cfg.rank}, "
              f"attention {cfg.attention}, solver {cfg.solver} x {cfg.num_steps} steps, noise dim {cfg.noise_dim}"]
