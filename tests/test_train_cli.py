@@ -14,7 +14,7 @@ from PIL import Image
 from snodevit import MNIST_OVERRIDES, CheckpointError, create_model, load_model, save_model
 from snodevit.cli import build_parser, main
 from snodevit.data import load_dataset
-from snodevit.train import TrainConfig, train_model
+from snodevit.train import TrainConfig, cpu_has_bf16, train_model
 
 TINY = dict(dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4)
 
@@ -81,16 +81,39 @@ def test_cli_bad_data_gives_a_message_and_exit_code_2(tmp_path: Path, capsys: py
     assert code == 2 and "mnist6k" in err and "Traceback" not in err
     code = main(["train", "--data", f"imagefolder:{tmp_path / 'missing'}", "--out", str(tmp_path / "m")])
     assert code == 2 and "missing" in capsys.readouterr().err
+    code = main(["train", "--data", "digits", "--noise-blocks", "7", "--out", str(tmp_path / "m"), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "noise_blocks" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_bf16_training_on_the_cpu_or_a_clear_error(tmp_path: Path) -> None:
+    """precision='bf16' autocasts on CPUs with native bf16 (and still learns); elsewhere it names the problem."""
+    bundle = load_dataset(f"imagefolder:{_write_folder(tmp_path / 'data')}", image_size=16)
+    torch.manual_seed(0)
+    model = create_model("tiny", image_size=16, in_channels=3, patch_size=4, num_classes=3, stem="conv", **TINY)
+    tc = TrainConfig(epochs=8, batch_size=8, lr=3e-3, warmup_epochs=1, num_workers=0, precision="bf16")
+    if not cpu_has_bf16():
+        with pytest.raises(ValueError, match="native bf16"):
+            train_model(model, bundle.train, bundle.calibration, tc, progress=False)
+        return
+    result = train_model(model, bundle.train, bundle.calibration, tc, progress=False)
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0] - 0.2, losses
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay fp32
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")
 
 
 def test_cli_train_then_evaluate_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = _write_folder(tmp_path / "data", n_per_class=10)
     out = tmp_path / "model"
     code = main(["train", "--data", f"imagefolder:{data}", "--image-size", "16", "--out", str(out), "--epochs", "2",
-                 "--batch-size", "8", "--noise-dim", "4", "--json"])
+                 "--batch-size", "8", "--noise-dim", "4", "--noise-blocks", "1", "--json"])
     assert code == 0
     figures = json.loads(capsys.readouterr().out)
     assert figures["config"]["image_size"] == 16 and figures["best_epoch"] >= 1
+    assert figures["config"]["noise_blocks"] == 1
     # The checkpoint says how it was made: the full command, defaults spelled out, re-parsable to the same run.
     made = json.loads((out / "meta.json").read_text())["provenance"]
     argv = shlex.split(made["command"])
@@ -110,3 +133,48 @@ def test_cli_info_prints_parameter_counts(capsys: pytest.CaptureFixture) -> None
     assert main(["info", "tiny", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert 0.9e6 < info["inputs"]["224px RGB, patch 16"]["parameters"] < 1.5e6
+
+
+def test_ema_average_matches_a_plain_loop() -> None:
+    """AveragedModel with ema_multi_avg_fn equals a hand-written EMA with timm's warm-up of the decay."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from snodevit.train import ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    live = torch.nn.Linear(3, 2)
+    ema = AveragedModel(live, multi_avg_fn=ema_multi_avg_fn(0.9))
+    expected = [p.detach().clone() for p in live.parameters()]
+    for n in range(30):
+        with torch.no_grad():
+            for p in live.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update_parameters(live)
+        if n == 0:  # the first update copies the weights
+            expected = [p.detach().clone() for p in live.parameters()]
+        else:
+            d = min(0.9, (1 + n) / (10 + n))
+            expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, live.parameters())]
+    for e, a in zip(expected, ema.module.parameters()):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_training_saves_and_leaves_the_averaged_weights(tmp_path: Path) -> None:
+    bundle = load_dataset(f"imagefolder:{_write_folder(tmp_path / 'data')}", image_size=16)
+
+    def run(ema_decay: float, out: Path) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = create_model("tiny", image_size=16, in_channels=3, patch_size=4, num_classes=3, stem="conv", **TINY)
+        tc = TrainConfig(epochs=3, batch_size=8, lr=3e-3, warmup_epochs=1, num_workers=0, ema_decay=ema_decay)
+        train_model(model, bundle.train, bundle.calibration, tc, out_dir=out, progress=False)
+        return model
+
+    plain, averaged = run(0.0, tmp_path / "plain"), run(0.9, tmp_path / "ema")
+    saved, meta = load_model(tmp_path / "ema")
+    assert meta["training"]["config"]["ema_decay"] == 0.9
+    for (name, a), b in zip(averaged.state_dict().items(), saved.state_dict().values()):
+        assert torch.equal(a, b), name  # the model trained in place holds what was saved
+    w_plain, w_ema = plain.head.weight.detach(), averaged.head.weight.detach()
+    assert not torch.allclose(w_plain, w_ema), "the average should differ from the last weights"
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)

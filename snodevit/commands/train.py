@@ -17,7 +17,7 @@ from ..config import ATTENTION_TYPES, POOL_TYPES, SOLVER_TYPES, get_config, list
 from ..data import load_dataset
 from ..machine import cpu_name
 from ..model import SNodeViT, count_parameters
-from ..train import TrainConfig, train_model
+from ..train import PRECISIONS, TrainConfig, train_model
 from ._common import add_device_flag, add_json_flag, emit, positive_int, resolve_device
 
 
@@ -30,6 +30,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=PRECISIONS, default=TrainConfig.precision,
+                   help="bf16 autocast: 'auto' (default) on CUDA only, 'bf16' also on a CPU with native bf16 "
+                        "(AVX512-BF16/AMX: 1.25x faster steps here), 'fp32' never")
+    p.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay,
+                   help="keep an exponential moving average of the weights with this decay (e.g. 0.998) and "
+                        "validate and save it instead of the last weights; 0 (default) turns it off")
     p.add_argument("--keep", choices=["last", "best"], default="last",
                    help="checkpoint to write: the last epoch (default) or the best on the validation split, which is "
                         "the calibration split and biases later calibration")
@@ -37,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--solver", choices=SOLVER_TYPES, default=None)
     p.add_argument("--num-steps", type=positive_int, default=None, help="solver steps per block")
     p.add_argument("--noise-dim", type=int, default=None, help="diffusion rank m; 0 trains a deterministic ODE ViT")
+    p.add_argument("--noise-blocks", type=int, default=None,
+                   help="diffusion only in the last N blocks; the blocks before them are ODE blocks run once per "
+                        "image for all samples (default: every block)")
     p.add_argument("--diffusion-scale", type=float, default=None, help="upper bound of the diffusion gate sigma(t)")
     p.add_argument("--pool", choices=POOL_TYPES, default=None)
     p.add_argument("--dropout", type=float, default=None)
@@ -95,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_dataset(args.data, image_size=args.image_size, augment=augment)
     prep = bundle.preprocessing
     overrides = model_overrides_for(prep.image_size, prep.channels, bundle.num_classes)
-    for key in ("attention", "solver", "num_steps", "noise_dim", "pool", "dropout", "diffusion_scale"):
+    for key in ("attention", "solver", "num_steps", "noise_dim", "noise_blocks", "pool", "dropout", "diffusion_scale"):
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
@@ -109,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = SNodeViT(cfg)
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, keep=args.keep,
-                     ood_diffusion_weight=args.ood_diffusion_weight)
+                     ood_diffusion_weight=args.ood_diffusion_weight, ema_decay=args.ema_decay,
+                     precision=args.precision)
     meta = {"class_names": bundle.class_names, "preprocessing": prep.to_dict(), "data": bundle.spec,
             "variant": args.variant, "provenance": provenance(args, device)}
     if not args.json:
