@@ -12,6 +12,8 @@ augmentation, the same seeds) and scored by the same code:
 * ``snodevit``: the SDE model (config defaults) with S samples;
 * ``snodevit-no-noise``: the same trained SDE weights with the diffusion switched off (zero noise, S = 1,
   :class:`snodevit.baselines.DiffusionOff`): what the continuous blocks give without the noise;
+* ``snodevit-last`` / ``snodevit-ood-last``: ``snodevit`` / ``snodevit-ood`` with the diffusion in the last block
+  only (``SNodeViTConfig.noise_blocks``): the ODE blocks before it run once per image, shared by the samples;
 * ``snodevit-ood``: the SDE model with SDE-Net-style training of a data-dependent diffusion (``TrainConfig.
   ood_diffusion_weight``, ``SNodeViTConfig.ood_diffusion_scale``), S samples.
 
@@ -75,6 +77,9 @@ EVAL_SEED_STRIDE = 1_000_000  # image i of run seed s is predicted with seed s *
 REJECTION_GRID = tuple(round(0.05 * i, 2) for i in range(20))  # rejected fractions of the accuracy-rejection curve
 #: SDE-Net settings of ``snodevit-ood`` (see the doc's "What was tried"), as `snodevit train --ood-diffusion-weight 1`.
 OOD_DIFFUSION_WEIGHT = 1.0
+#: ``noise_blocks`` of ``snodevit-last`` / ``snodevit-ood-last``: diffusion only in the last block, so the first
+#: depth - 1 blocks are shared by the samples and S samples cost (depth - 1 + S) / depth passes, not S.
+LAST_NOISE_BLOCKS = 1
 #: Epochs of the full run. TrainConfig's (and the demo model's) 30 do not fit the ~8 minute budget: the tiny model
 #: is kernel-launch bound, 24 models train at ~1.2 model-epochs/s in aggregate on the H100 machine (measured: 10
 #: epochs, --jobs 14: 205 s of training, 287 s in all), so 30 epochs would take ~10 min of training alone. Every
@@ -124,6 +129,10 @@ def methods_for(budget: Budget) -> list[Method]:
         Method("snodevit-no-noise", "sde", "one", "the same SDE weights with the diffusion switched off (ODE path)"),
         Method("snodevit-ood", "sde-ood", "S", "SDE ViT whose diffusion is trained SDE-Net style to grow "
                                                "off-distribution"),
+        Method("snodevit-last", "sde-last", "S", f"SDE ViT with diffusion in the last {LAST_NOISE_BLOCKS} block only "
+                                                 "(noise_blocks); the ODE blocks before it run once per image"),
+        Method("snodevit-ood-last", "sde-ood-last", "S", "snodevit-ood with the diffusion in the last "
+                                                         f"{LAST_NOISE_BLOCKS} block only"),
     ]
 
 
@@ -133,12 +142,15 @@ def num_samples_of(method: Method, budget: Budget) -> int:
 
 def kind_overrides(kind: str) -> dict[str, Any]:
     """Config overrides of each training kind (on top of the budget's model)."""
-    return {"det": dict(noise_dim=0), "dropout": dict(noise_dim=0, dropout=0.1), "sde": {},
-            "sde-ood": dict(ood_diffusion_scale=DEFAULT_OOD_DIFFUSION_SCALE)}[kind]
+    ood = dict(ood_diffusion_scale=DEFAULT_OOD_DIFFUSION_SCALE)
+    last = dict(noise_blocks=LAST_NOISE_BLOCKS)
+    return {"det": dict(noise_dim=0), "dropout": dict(noise_dim=0, dropout=0.1), "sde": {}, "sde-ood": ood,
+            "sde-last": last, "sde-ood-last": {**ood, **last}}[kind]
 
 
 def kind_train_overrides(kind: str) -> dict[str, Any]:
-    return {"sde-ood": dict(ood_diffusion_weight=OOD_DIFFUSION_WEIGHT)}.get(kind, {})
+    ood = dict(ood_diffusion_weight=OOD_DIFFUSION_WEIGHT)
+    return {"sde-ood": ood, "sde-ood-last": ood}.get(kind, {})
 
 
 def model_config(kind: str, budget: Budget) -> dict[str, Any]:
@@ -494,7 +506,7 @@ def goal_check(summary: dict[str, Any], cost: dict[str, Any], names: Sequence[st
 
 
 # ----------------------------------------------------------------------------------------------- figures
-_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3")
+_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974")
 
 
 def _png(fig: Any) -> bytes:
