@@ -81,3 +81,23 @@ def test_a_graph_left_from_older_weights_is_exported_again(tmp_path: Path) -> No
         assert demo.main(["--out", str(out), "--pretrained", str(source)], fake_snodevit) == 0
         assert calls == ["export"]  # calibrated already: only the graph is made
         assert stored_metadata("snodevit-mnist:latest")["backends"] == ["torch"]
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_retraining_runs_the_ten_minute_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               native_bf16: bool) -> None:
+    """Without --pretrained the demo trains 40 epochs, in bf16 where the CPU has native bf16 (fp32 elsewhere)."""
+    out, seen = tmp_path / "run", {}
+    monkeypatch.setattr(demo, "cpu_has_bf16", lambda: native_bf16)
+
+    def fake_snodevit(argv: list[str]) -> int:
+        if argv[0] == "train":
+            seen["train"] = argv
+            _finished(out)
+        return 1 if argv[0] == "export" else 0
+
+    with temporary_home(tmp_path / "bentoml"):
+        assert demo.main(["--out", str(out)], fake_snodevit) == 0
+    argv = seen["train"]
+    assert argv[argv.index("--epochs") + 1] == "40"
+    assert argv[argv.index("--precision") + 1] == ("bf16" if native_bf16 else "auto")
