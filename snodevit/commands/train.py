@@ -17,7 +17,7 @@ from ..config import ATTENTION_TYPES, POOL_TYPES, SOLVER_TYPES, get_config, list
 from ..data import load_dataset
 from ..machine import cpu_name
 from ..model import SNodeViT, count_parameters
-from ..train import PRECISIONS, TrainConfig, train_model
+from ..train import PRECISIONS, TrainConfig, train_model, use_bf16
 from ._common import add_device_flag, add_json_flag, emit, positive_int, resolve_device
 
 
@@ -124,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
             "variant": args.variant, "provenance": provenance(args, device)}
     if not args.json:
         print(f"training {args.variant} ({count_parameters(model) / 1e6:.2f}M parameters, {cfg.attention} attention, "
-              f"{cfg.solver} x {cfg.num_steps}, noise dim {cfg.noise_dim}) on {bundle.name}: "
+              f"{cfg.solver} x {cfg.num_steps}, noise dim {cfg.noise_dim}"
+              f"{f' in the last {cfg.num_noise_blocks} of {cfg.depth} blocks' if cfg.noise_blocks else ''}, "
+              f"{'bf16' if use_bf16(tc.precision, torch.device(device)) else 'fp32'}) on {bundle.name}: "
               f"{len(bundle.train)} train / {len(bundle.calibration)} validation images, device {device}")
     start = time.perf_counter()
     show_bar = not args.no_progress and not args.json
