@@ -106,7 +106,7 @@ def encode_metadata(cfg: SNodeViTConfig, meta: Mapping[str, Any], *, weights_sha
         "weights_sha256": weights_sha256,
         "opset": str(opset),
         "inputs": inputs,
-        "noise_shape": {"rule": "(S, B, L, K, N, m)", "L": cfg.noise_shape(1, 1)[2], "K": cfg.num_steps,
+        "noise_shape": {"rule": "(S, B, L, K, N, m)", "L": cfg.num_noise_blocks, "K": cfg.num_steps,
                         "N": cfg.num_tokens, "m": cfg.noise_dim},
         "outputs": outputs,
         "dynamic": "false" if static_sizes else "true",

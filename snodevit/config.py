@@ -142,21 +142,20 @@ class SNodeViTConfig:
 
     @property
     def num_noise_blocks(self) -> int:
-        """L: the number of final blocks that carry a diffusion term (0 for a deterministic model)."""
-        return 0 if not self.stochastic else (self.noise_blocks or self.depth)
+        """L: the number of final blocks that take noise (``noise_blocks``, or every block when it is 0)."""
+        return self.noise_blocks or self.depth
 
     @property
     def first_noise_block(self) -> int:
-        """Index of the first block with diffusion; the blocks before it are deterministic and shared by all samples."""
-        return self.depth - self.num_noise_blocks if self.stochastic else self.depth
+        """Index of the first block that takes noise; in a stochastic model the blocks before it are ODE blocks."""
+        return self.depth - self.num_noise_blocks
 
     def noise_shape(self, batch_size: int, num_samples: int = 1) -> tuple[int, ...]:
         """Shape of the noise of ``num_samples`` samples of ``batch_size`` images: (S, B, L, K, N, m).
 
         L is :attr:`num_noise_blocks` (the depth unless ``noise_blocks`` limits the diffusion to the last blocks).
         """
-        return (num_samples, batch_size, self.num_noise_blocks or self.depth, self.num_steps, self.num_tokens,
-                self.noise_dim)
+        return (num_samples, batch_size, self.num_noise_blocks, self.num_steps, self.num_tokens, self.noise_dim)
 
     def check_images(self, images: Any) -> None:
         """The input contract of every backend: a float (B, C, H, W) tensor of this model's size.
