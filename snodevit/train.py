@@ -78,6 +78,7 @@ class TrainConfig:
     num_workers: int = 1  # DataLoader workers; 1 keeps augmentation single-threaded (tiny ops spin on 2 threads)
     ood_diffusion_weight: float = 0.0  # SDE-Net: weight of the BCE that trains the diffusion magnitude; 0 = off
     ood_noise_std: float = 2.0  # SDE-Net: std (normalised units) of the Gaussian noise making the perturbed images
+    ood_shuffle_grid: int = 0  # SDE-Net: also perturb by shuffling a g x g grid of image cells (one more chunk); 0 = off
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" (autocast on CPU too) or "fp32"
     ema_decay: float = 0.0  # decay of an exponential moving average of the weights, validated and saved instead; 0 = off
 
@@ -92,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"ood_diffusion_weight must be a finite number >= 0, got {self.ood_diffusion_weight}")
         if not (math.isfinite(self.ood_noise_std) and self.ood_noise_std > 0):
             raise ValueError(f"ood_noise_std must be a finite number > 0, got {self.ood_noise_std}")
+        if self.ood_shuffle_grid < 0 or self.ood_shuffle_grid == 1:
+            raise ValueError(f"ood_shuffle_grid must be 0 (off) or >= 2, got {self.ood_shuffle_grid}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -118,7 +121,8 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def ood_perturb(images: Tensor, std: float, generator: torch.Generator | None = None) -> Tensor:
+def ood_perturb(images: Tensor, std: float, generator: torch.Generator | None = None,
+                shuffle_grid: int = 0) -> Tensor:
     """SDE-Net's out-of-distribution inputs: the images plus Gaussian noise, here at several spatial scales.
 
     The batch is split into ``len(OOD_NOISE_SCALES)`` consecutive chunks; chunk j gets standard normal noise
@@ -127,22 +131,59 @@ def ood_perturb(images: Tensor, std: float, generator: torch.Generator | None = 
     image size and multiplied by ``std``. Pixel noise alone taught the magnitude head "high-frequency noise is
     out of distribution" and left smooth inputs (photographs) looking in-distribution; the coarse scales cover them.
 
+    With ``shuffle_grid`` = g >= 2 the batch gets one more chunk, whose images keep their pixels but have the
+    cells of a g x g grid permuted (:func:`shuffle_cells`): local strokes in places and orientations digits do
+    not have, a near-distribution perturbation that noise does not cover.
+
     Args:
         images: (B, C, H, W) normalised images.
         std: noise standard deviation in normalised units.
-        generator: seeds the noise (on the images' device).
+        generator: seeds the noise and the permutations (on the images' device).
+        shuffle_grid: cells per side of the shuffled chunk; 0 = no shuffled chunk.
 
     Returns:
         (B, C, H, W) perturbed images.
     """
     h, w = images.shape[-2:]
+    chunks = images.chunk(len(OOD_NOISE_SCALES) + (1 if shuffle_grid else 0))
     parts = []
-    for frac, chunk in zip(OOD_NOISE_SCALES, images.chunk(len(OOD_NOISE_SCALES))):
+    for frac, chunk in zip(OOD_NOISE_SCALES, chunks):
         g = max(1, round(frac * min(h, w)))
         z = torch.randn((chunk.shape[0], chunk.shape[1], g, g), generator=generator, device=images.device,
                         dtype=images.dtype)
         parts.append(chunk + std * F.interpolate(z, size=(h, w), mode="bilinear", align_corners=False))
+    if shuffle_grid and len(chunks) > len(OOD_NOISE_SCALES):
+        parts.append(shuffle_cells(chunks[-1], shuffle_grid, generator))
     return torch.cat(parts)
+
+
+def shuffle_cells(images: Tensor, grid: int, generator: torch.Generator | None = None) -> Tensor:
+    """Each image with the cells of a ``grid`` x ``grid`` partition put in a random order of its own.
+
+    Cells are (H // grid) x (W // grid) pixels from the top-left corner; the rows and columns left over when the
+    side is not a multiple of ``grid`` stay in place.
+
+    Args:
+        images: (B, C, H, W) images.
+        grid: cells per side, 2 <= grid <= min(H, W).
+        generator: seeds the permutations (on the images' device).
+
+    Returns:
+        (B, C, H, W) images with their cells permuted.
+    """
+    b, c, h, w = images.shape
+    if not 2 <= grid <= min(h, w):
+        raise ValueError(f"grid must be between 2 and min(H, W) = {min(h, w)}, got {grid}")
+    ch, cw = h // grid, w // grid
+    g2 = grid * grid
+    cells = (images[..., :grid * ch, :grid * cw].reshape(b, c, grid, ch, grid, cw)
+             .permute(0, 2, 4, 1, 3, 5).reshape(b, g2, c, ch, cw))
+    order = torch.rand((b, g2), generator=generator, device=images.device).argsort(dim=1)
+    cells = cells[torch.arange(b, device=images.device)[:, None], order]
+    out = images.clone()
+    out[..., :grid * ch, :grid * cw] = (cells.reshape(b, grid, grid, c, ch, cw).permute(0, 3, 1, 4, 2, 5)
+                                        .reshape(b, c, grid * ch, grid * cw))
+    return out
 
 
 def ema_multi_avg_fn(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
@@ -242,7 +283,8 @@ def train_model(model: SNodeViT, train_set: Dataset, val_set: Dataset, tc: Train
                 loss = ce + reg
                 bce = torch.zeros((), device=device)
                 if tc.ood_diffusion_weight > 0:  # SDE-Net: small diffusion on these images, large on perturbed ones
-                    bce = model.ood_diffusion_loss(images, ood_perturb(images, tc.ood_noise_std, noise_gen))
+                    bce = model.ood_diffusion_loss(images, ood_perturb(images, tc.ood_noise_std, noise_gen,
+                                                                       shuffle_grid=tc.ood_shuffle_grid))
                     loss = loss + tc.ood_diffusion_weight * bce
             finite &= torch.isfinite(loss.detach())
             opt.zero_grad(set_to_none=True)

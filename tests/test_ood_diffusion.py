@@ -13,7 +13,7 @@ from torch.utils.data import Subset
 from snodevit import MNIST_OVERRIDES, SNodeViT, SNodeViTConfig, create_model, load_model, predict
 from snodevit.cli import main
 from snodevit.data import load_dataset
-from snodevit.train import OOD_NOISE_SCALES, TrainConfig, ood_perturb, train_model
+from snodevit.train import OOD_NOISE_SCALES, TrainConfig, ood_perturb, shuffle_cells, train_model
 
 SMALL = dict(MNIST_OVERRIDES, dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4, num_steps=1)
 
@@ -66,6 +66,8 @@ def test_bad_config_is_refused(overrides: dict[str, Any], message: str) -> None:
     (dict(ood_diffusion_weight=-0.5), "ood_diffusion_weight"),
     (dict(ood_diffusion_weight=float("inf")), "ood_diffusion_weight"),
     (dict(ood_noise_std=0.0), "ood_noise_std"),
+    (dict(ood_shuffle_grid=1), "ood_shuffle_grid"),
+    (dict(ood_shuffle_grid=-2), "ood_shuffle_grid"),
 ])
 def test_bad_train_config_is_refused(kw: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -217,3 +219,39 @@ def test_cli_trains_with_the_sde_net_term(tmp_path: Path, capsys: pytest.Capture
     code = main(["train", "--data", f"imagefolder:{tmp_path / 'data'}", "--image-size", "16", "--out", str(out),
                  "--epochs", "1", "--ood-diffusion-weight", "-1"])
     assert code == 2 and "ood_diffusion_weight" in capsys.readouterr().err
+
+
+def test_shuffle_cells_permutes_whole_cells_per_image() -> None:
+    """Reference: a plain loop that finds, for every output cell, the input cell it equals."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 2, 30, 29, generator=g)  # sides not multiples of the grid: the remainder stays in place
+    y = shuffle_cells(x, 4, torch.Generator().manual_seed(1))
+    assert y.shape == x.shape and not torch.equal(x, y)
+    torch.testing.assert_close(y[..., 28:, :], x[..., 28:, :], rtol=0, atol=0)
+    torch.testing.assert_close(y[..., :, 28:], x[..., :, 28:], rtol=0, atol=0)
+    orders = []
+    for b in range(4):
+        cells = [x[b, :, 7 * i:7 * i + 7, 7 * j:7 * j + 7] for i in range(4) for j in range(4)]
+        order = []
+        for i in range(4):
+            for j in range(4):
+                out = y[b, :, 7 * i:7 * i + 7, 7 * j:7 * j + 7]
+                order.append(next(k for k, c in enumerate(cells) if torch.equal(c, out)))
+        assert sorted(order) == list(range(16))  # a permutation: every cell once
+        orders.append(order)
+    assert len({tuple(o) for o in orders}) > 1  # each image its own order
+    assert torch.equal(y, shuffle_cells(x, 4, torch.Generator().manual_seed(1)))  # seeded
+    with pytest.raises(ValueError, match="grid"):
+        shuffle_cells(x, 1)
+
+
+def test_ood_perturb_adds_a_shuffled_chunk_on_request() -> None:
+    x = torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    plain = ood_perturb(x, 2.0, torch.Generator().manual_seed(0))
+    mixed = ood_perturb(x, 2.0, torch.Generator().manual_seed(0), shuffle_grid=4)
+    chunks = x.chunk(len(OOD_NOISE_SCALES) + 1)
+    last = mixed[-chunks[-1].shape[0]:]
+    # the shuffled chunk keeps each image's pixels (no noise), in another arrangement
+    for a, b in zip(last, chunks[-1]):
+        assert torch.equal(a.flatten().sort().values, b.flatten().sort().values) and not torch.equal(a, b)
+    assert mixed.shape == plain.shape == x.shape
