@@ -347,16 +347,22 @@ QUICK_LOAD = LoadPlan(8, (1, 8, 32), {1: 8, 8: 16, 32: 32}, {1: 2, 8: 8, 32: 32}
 
 
 def _service_model(directory: Path, quick: bool) -> Path:
+    """The served model's directory, with its ONNX graph (attention maps included, as `make serve` exports it)."""
+    from export import export_onnx
     from service.testing import CALIBRATION
-    from snodevit import save_model
+    from snodevit import load_model, save_model
 
     v = QUICK_VARIANTS[0] if quick else FULL_VARIANTS[0]
     meta = {"class_names": CLASS_NAMES, "preprocessing": PREPROCESSING, "data": "mnist5k",
             "calibration": CALIBRATION}
-    return save_model(v.build(), directory, meta=meta)
+    path = save_model(v.build(), directory, meta=meta)
+    model, saved = load_model(path)
+    export_onnx(model.eval(), path / "model.onnx", meta=saved, attention_maps=True)
+    return path
 
 
-def _inprocess(model_dir: Path, tag: str, plan: LoadPlan, image: bytes, progress: bool) -> dict[str, Any]:
+def _inprocess(model_dir: Path, tag: str, plan: LoadPlan, image: bytes, progress: bool,
+               backend: str = "torch") -> dict[str, Any]:
     """The same closed loop calling the service engine in this process (decode, micro-batching, predict,
     records: everything but HTTP), plus bare ``predict`` at the batch sizes the loop formed."""
     from http_load import closed_loop
@@ -366,8 +372,9 @@ def _inprocess(model_dir: Path, tag: str, plan: LoadPlan, image: bytes, progress
     from service.settings import ServiceSettings
     from snodevit.loading import open_model
 
-    loaded = open_model(model_dir, "torch", "cpu")
-    engine = Engine(loaded, ServiceSettings(model=tag, num_samples=plan.num_samples), name="snodevit-bench", tag=tag)
+    loaded = open_model(model_dir, backend, "cpu")  # type: ignore[arg-type]
+    engine = Engine(loaded, ServiceSettings(model=tag, num_samples=plan.num_samples, backend=backend),  # type: ignore[arg-type]
+                    name="snodevit-bench", tag=tag)
     engine.warm_up()
     params = engine.check(num_samples=plan.num_samples, seed=0, top_k=3, alpha=None)
 
@@ -379,7 +386,7 @@ def _inprocess(model_dir: Path, tag: str, plan: LoadPlan, image: bytes, progress
         return 200, answers[0][1].batch_size
 
     rows = []
-    for c in tqdm(plan.concurrency, desc="in-process engine", disable=not progress, dynamic_ncols=True):
+    for c in tqdm(plan.concurrency, desc=f"in-process engine ({backend})", disable=not progress, dynamic_ncols=True):
         rows.append(asyncio.run(closed_loop(send, c, plan.requests[c], plan.warmup[c])))
     engine.close()
     x = torch.randn(max(plan.concurrency), 1, 28, 28)
@@ -433,8 +440,15 @@ def _cpu_seconds(server: Any) -> dict[str, float]:
     return {"client_cpu_s": time.process_time(), "server_cpu_s": used, "wall": time.perf_counter()}
 
 
+#: The servers of the service section: name -> (backend, extra SNODEVIT_* settings).
+SERVERS: dict[str, tuple[str, dict[str, str]]] = {"on": ("torch", {}), "off": ("torch", {"SNODEVIT_MAX_BATCH_SIZE": "1"}),
+                                                  "onnx": ("onnx", {"SNODEVIT_BACKEND": "onnx"})}
+SERVER_LABELS = {"on": "HTTP, batching on", "off": "HTTP, batching off", "onnx": "HTTP, batching on, ONNX Runtime"}
+
+
 def service_path(quick: bool, threads: int, progress: bool, workdir: Path) -> dict[str, Any]:
-    """In-process engine first (nothing else running), then two real servers: batching on and off."""
+    """In-process engine first (nothing else running; torch, then ONNX Runtime), then three real servers:
+    torch with batching on and off, and ONNX Runtime with batching on."""
     try:
         import bentoml  # noqa: F401
     except ImportError as err:
@@ -448,18 +462,20 @@ def service_path(quick: bool, threads: int, progress: bool, workdir: Path) -> di
     model_dir = _service_model(workdir / "service-model", quick)
     home = workdir / "bentoml"
     with temporary_home(home):
-        tag = str(register_model(model_dir, name="snodevit-bench", labels={"stage": "bench"}))
+        tag = str(register_model(model_dir, name="snodevit-bench", onnx_path=model_dir / "model.onnx",
+                                 labels={"stage": "bench"}))
     inproc = _inprocess(model_dir, tag, plan, image, progress)
+    inproc_onnx = _inprocess(model_dir, tag, plan, image, progress, backend="onnx")
     env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "SNODEVIT_MODEL": tag,
            "SNODEVIT_NUM_SAMPLES": str(plan.num_samples), "SNODEVIT_TIMEOUT_S": "120",
            "SNODEVIT_THREADS": str(threads)}
-    modes = {"on": {}, "off": {"SNODEVIT_MAX_BATCH_SIZE": "1"}}
     servers: dict[str, Server] = {}
     out: dict[str, Any] = {"model": ("untrained micro model (2 blocks, width 24)" if quick else
                                      "untrained tiny + MNIST_OVERRIDES (weights do not change the cost)"),
-                           "num_samples": plan.num_samples, "in_process": inproc, "http": {}}
+                           "num_samples": plan.num_samples, "in_process": inproc, "in_process_onnx": inproc_onnx,
+                           "http": {}}
     try:
-        for mode, extra in modes.items():  # both start at once: their imports and warm-up overlap
+        for mode, (_, extra) in SERVERS.items():  # all start at once: their imports and warm-up overlap
             servers[mode] = Server({**env, **extra})
         for mode, server in servers.items():
             out.setdefault("startup_s", {})[mode] = server.wait_ready()
@@ -475,11 +491,12 @@ def service_path(quick: bool, threads: int, progress: bool, workdir: Path) -> di
                     row.update({k: after[k] - before[k] for k in after if k != "wall"},
                                cpu_wall_s=after["wall"] - before["wall"])
                     rows.append(row)
+            backend, extra = SERVERS[mode]
             out["http"][mode] = {"rows": rows, "peak_rss_mib": rss.peak_total / 2**20,
-                                 "peak_rss_worker_mib": rss.peak_largest / 2**20,
-                                 "settings": extra or {"SNODEVIT_MAX_BATCH_SIZE": "32 (default)"}}
-        servers["off"].stop()
-        del servers["off"]
+                                 "peak_rss_worker_mib": rss.peak_largest / 2**20, "backend": backend,
+                                 "settings": {"SNODEVIT_MAX_BATCH_SIZE": "32 (default)", **extra}}
+        for mode in [m for m in servers if m != "on"]:
+            servers.pop(mode).stop()
         out["memory"] = _soak(servers["on"], image, plan.soak_requests, max(plan.concurrency), progress)
     finally:
         for server in servers.values():
@@ -606,17 +623,19 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
             add(f"ONNX Runtime vs torch eager (folded) at B=1 ({v})", ">= 1.5x", worst, worst >= 1.5,
                 "S=" + ", ".join(f"{t['num_samples']}: {r:.2f}x" for (t, _), r in zip(pairs, ratios)) + " (worst)")
     svc = result.get("service") or {}
-    if "http" in svc and "on" in svc["http"]:
-        http = {r["concurrency"]: r for r in svc["http"]["on"]["rows"]}
-        inproc = {r["concurrency"]: r for r in svc["in_process"]["closed_loop"]}
+    for mode, key, name in (("on", "in_process", "torch"), ("onnx", "in_process_onnx", "ONNX Runtime")):
+        if mode not in svc.get("http", {}) or key not in svc:
+            continue
+        http = {r["concurrency"]: r for r in svc["http"][mode]["rows"]}
+        inproc = {r["concurrency"]: r for r in svc[key]["closed_loop"]}
         top = max(http)
         ratio = http[top]["requests_per_s"] / inproc[top]["requests_per_s"]
-        add(f"HTTP vs in-process throughput at concurrency {top}", ">= 85 %", 100 * ratio, ratio >= 0.85,
+        add(f"HTTP vs in-process throughput at concurrency {top} ({name})", ">= 85 %", 100 * ratio, ratio >= 0.85,
             f"{http[top]['requests_per_s']:.1f} vs {inproc[top]['requests_per_s']:.1f} images/s "
             f"(S={svc['num_samples']}, mean batch {http[top]['mean_batch_size']:.1f} vs "
             f"{inproc[top]['mean_batch_size']:.1f})")
         gap = http[1]["p99_ms"] - inproc[1]["p99_ms"]
-        add("p99 at concurrency 1, HTTP minus in-process", "<= 10 ms", gap, gap <= 10,
+        add(f"p99 at concurrency 1, HTTP minus in-process ({name})", "<= 10 ms", gap, gap <= 10,
             f"{http[1]['p99_ms']:.1f} vs {inproc[1]['p99_ms']:.1f} ms")
     ad = result.get("adaptive") or {}
     if "mean_samples" in ad:
@@ -746,7 +765,10 @@ def markdown(result: dict[str, Any]) -> str:
                   "closed loop (each worker sends its next request when its answer arrives), warm-up requests "
                   "discarded, exact percentiles. Batching off = `SNODEVIT_MAX_BATCH_SIZE=1` (every image its own "
                   "pass). In-process = the same loop calling the service engine directly (decode, micro-batching, "
-                  "predict, answer records; no HTTP). Server start-up: "
+                  "predict, answer records; no HTTP). ONNX Runtime rows: the same weights exported with attention "
+                  "maps (as `make serve` exports them) and served with `SNODEVIT_BACKEND=onnx`; ORT runs the whole "
+                  "graph in C++ without holding the GIL, while torch returns to Python between operators. "
+                  "Server start-up: "
                   + ", ".join(f"batching {k} {v:.1f} s" for k, v in svc.get("startup_s", {}).items()) + ".", "",
                   "CPU columns: cores' worth of CPU time the load generator (this process) and the server's processes "
                   "used during the level (2.0 = both cores busy), so the client's share of this 2-core machine is "
@@ -754,7 +776,9 @@ def markdown(result: dict[str, Any]) -> str:
                   "| path | concurrency | requests | images/s | p50 ms | p90 ms | p95 ms | p99 ms | mean batch | "
                   "client CPU | server CPU | statuses |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         sources = [("in-process", svc["in_process"]["closed_loop"])]
-        sources += [(f"HTTP, batching {k}", v["rows"]) for k, v in svc["http"].items()]
+        if "in_process_onnx" in svc:
+            sources.append(("in-process, ONNX Runtime", svc["in_process_onnx"]["closed_loop"]))
+        sources += [(SERVER_LABELS.get(k, f"HTTP, {k}"), v["rows"]) for k, v in svc["http"].items()]
         for name, rows in sources:
             for r in rows:
                 lines.append(f"| {name} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.1f} | "

@@ -69,7 +69,8 @@ def test_service_section_measured_both_batching_modes(quick) -> None:
     svc = result["service"]
     if "skipped" in svc:
         pytest.skip(svc["skipped"])
-    for mode in ("on", "off"):
+    assert {m: svc["http"][m]["backend"] for m in svc["http"]} == {"on": "torch", "off": "torch", "onnx": "onnx"}
+    for mode in ("on", "off", "onnx"):
         rows = svc["http"][mode]["rows"]
         assert [r["concurrency"] for r in rows] == [1, 8, 32]
         for r in rows:
@@ -77,7 +78,8 @@ def test_service_section_measured_both_batching_modes(quick) -> None:
             assert r["p50_ms"] <= r["p90_ms"] <= r["p95_ms"] <= r["p99_ms"]
         assert _positive(svc["http"][mode]["peak_rss_mib"])
     assert all(r["mean_batch_size"] == 1 for r in svc["http"]["off"]["rows"])  # batching off: one image a pass
-    assert all(r["statuses"] == {"200": r["requests"]} for r in svc["in_process"]["closed_loop"])
+    for key in ("in_process", "in_process_onnx"):
+        assert all(r["statuses"] == {"200": r["requests"]} for r in svc[key]["closed_loop"])
     mem = svc["memory"]
     assert mem["statuses"] == {"200": mem["requests"]} and len(mem["checkpoints"]) >= 2
     assert all(_positive(c["rss_mib"]) for c in mem["checkpoints"])
@@ -94,6 +96,10 @@ def test_adaptive_section_and_goals(quick) -> None:
     goals = {g["goal"]: g for g in result["goals"]}
     assert any(k.startswith("folded vs loop") for k in goals)
     assert any(k.startswith("adaptive sampling") for k in goals)
+    if "skipped" not in result["service"]:  # both served backends are held to the HTTP goals
+        assert {k for k in goals if k.startswith("HTTP vs in-process")} == {
+            "HTTP vs in-process throughput at concurrency 32 (torch)",
+            "HTTP vs in-process throughput at concurrency 32 (ONNX Runtime)"}
     for g in goals.values():
         assert g["measured"] is None or math.isfinite(g["measured"])
         assert g["met"] in (True, False, None)
