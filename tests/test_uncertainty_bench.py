@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,19 @@ def test_checkpoints_are_reused_on_a_rerun(quick_run: tuple[dict[str, Any], Path
     longer = bench.train_jobs(bench.budget_from_args(bench.build_parser().parse_args(["--quick", "--epochs", "2"])),
                               runs, "cpu", 1, retrain=False)
     assert not any(bench._checkpoint_matches(j) for j in longer)  # other settings never reuse a checkpoint
+
+
+def test_a_checkpoint_from_before_a_new_train_option_is_still_reused(
+        quick_run: tuple[dict[str, Any], Path, Path]) -> None:
+    """A TrainConfig field added later (stored configs lack it) counts at its default, which keeps the old recipe."""
+    _, _, runs = quick_run
+    budget = bench.budget_from_args(bench.build_parser().parse_args(["--quick"]))
+    job = bench.train_jobs(budget, runs, "cpu", 1, retrain=False)[0]
+    assert bench._checkpoint_matches(job)
+    older = replace(job, train_config={k: v for k, v in job.train_config.items() if k != "ood_shuffle_grid"})
+    assert bench._train_config_filled(older.train_config) == job.train_config
+    assert bench._train_config_filled({**job.train_config, "no_such_option": 1}) is None
+    assert not bench._checkpoint_matches(replace(job, train_config={**job.train_config, "ood_shuffle_grid": 4}))
 
 
 @pytest.mark.parametrize("argv, message", [
