@@ -361,42 +361,19 @@ def _service_model(directory: Path, quick: bool) -> Path:
     return path
 
 
-def _inprocess(model_dir: Path, tag: str, plan: LoadPlan, image: bytes, progress: bool,
+def _inprocess(model_dir: Path, tag: str, plan: LoadPlan, image: bytes, progress: bool, threads: int,
                backend: str = "torch") -> dict[str, Any]:
-    """The same closed loop calling the service engine in this process (decode, micro-batching, predict,
-    records: everything but HTTP), plus bare ``predict`` at the batch sizes the loop formed."""
-    from http_load import closed_loop
+    """``http_load.engine_load`` in a fresh spawned process: the same closed loop calling the service engine
+    directly (everything but HTTP), plus bare ``predict`` at the batch sizes the loop formed."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
-    from service.engine import Engine
-    from service.errors import ServiceError
-    from service.settings import ServiceSettings
-    from snodevit.loading import open_model
+    from http_load import engine_load
 
-    loaded = open_model(model_dir, backend, "cpu")  # type: ignore[arg-type]
-    engine = Engine(loaded, ServiceSettings(model=tag, num_samples=plan.num_samples, backend=backend),  # type: ignore[arg-type]
-                    name="snodevit-bench", tag=tag)
-    engine.warm_up()
-    params = engine.check(num_samples=plan.num_samples, seed=0, top_k=3, alpha=None)
-
-    async def send() -> tuple[int, int | None]:
-        try:
-            answers, _ = await engine.classify([image], params, endpoint="bench")
-        except ServiceError as err:
-            return err.status, None
-        return 200, answers[0][1].batch_size
-
-    rows = []
-    for c in tqdm(plan.concurrency, desc=f"in-process engine ({backend})", disable=not progress, dynamic_ncols=True):
-        rows.append(asyncio.run(closed_loop(send, c, plan.requests[c], plan.warmup[c])))
-    engine.close()
-    x = torch.randn(max(plan.concurrency), 1, 28, 28)
-    bare = []
-    for b in sorted({1, max(plan.concurrency)}):
-        times, _ = time_alternating({"predict": lambda: loaded.predict(x[:b], num_samples=plan.num_samples, seed=0)},
-                                    budget_s=1.0)
-        ms = statistics.median(times["predict"])
-        bare.append({"batch_size": b, "ms": ms, "images_per_s": b / (ms / 1e3)})
-    return {"closed_loop": rows, "bare_predict": bare}
+    levels = [(c, plan.requests[c], plan.warmup[c]) for c in plan.concurrency]
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(engine_load, str(model_dir), tag, backend, threads, image, plan.num_samples, levels,
+                           sorted({1, max(plan.concurrency)}), progress).result()
 
 
 def _soak(server: Any, image: bytes, requests: int, concurrency: int, progress: bool) -> dict[str, Any]:
@@ -464,8 +441,8 @@ def service_path(quick: bool, threads: int, progress: bool, workdir: Path) -> di
     with temporary_home(home):
         tag = str(register_model(model_dir, name="snodevit-bench", onnx_path=model_dir / "model.onnx",
                                  labels={"stage": "bench"}))
-    inproc = _inprocess(model_dir, tag, plan, image, progress)
-    inproc_onnx = _inprocess(model_dir, tag, plan, image, progress, backend="onnx")
+    inproc = _inprocess(model_dir, tag, plan, image, progress, threads)
+    inproc_onnx = _inprocess(model_dir, tag, plan, image, progress, threads, backend="onnx")
     env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "SNODEVIT_MODEL": tag,
            "SNODEVIT_NUM_SAMPLES": str(plan.num_samples), "SNODEVIT_TIMEOUT_S": "120",
            "SNODEVIT_THREADS": str(threads)}
@@ -765,7 +742,7 @@ def markdown(result: dict[str, Any]) -> str:
                   "closed loop (each worker sends its next request when its answer arrives), warm-up requests "
                   "discarded, exact percentiles. Batching off = `SNODEVIT_MAX_BATCH_SIZE=1` (every image its own "
                   "pass). In-process = the same loop calling the service engine directly (decode, micro-batching, "
-                  "predict, answer records; no HTTP). ONNX Runtime rows: the same weights exported with attention "
+                  "predict, answer records; no HTTP), run in a fresh process like the server's worker. ONNX Runtime rows: the same weights exported with attention "
                   "maps (as `make serve` exports them) and served with `SNODEVIT_BACKEND=onnx`; ORT runs the whole "
                   "graph in C++ without holding the GIL, while torch returns to Python between operators. "
                   "Server start-up: "

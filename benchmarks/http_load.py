@@ -243,6 +243,70 @@ class RSSSampler:
         self._thread.join()
 
 
+def engine_load(model_dir: str, tag: str, backend: str, threads: int, image: bytes, num_samples: int,
+                levels: list[tuple[int, int, int]], bare_batches: list[int], progress: bool = False) -> dict:
+    """The in-process reference: the closed loop calling the service engine directly (decode, micro-batching,
+    predict, answer records; everything but HTTP), then bare ``predict`` at ``bare_batches`` images.
+
+    Run it in a fresh process (``multiprocessing`` spawn), as the server's worker is one: a process whose other
+    threads have run torch operators before holds more OpenMP threads than cores and runs the model slower
+    (see ``service.engine.Engine.open``).
+
+    Args:
+        model_dir: a model directory (with ``model.onnx`` for the onnx backend).
+        tag: the store tag reported in the answers.
+        backend: "torch" or "onnx".
+        threads: torch intra-op threads, as ``SNODEVIT_THREADS`` sets them in the server.
+        image: the encoded image every request sends.
+        num_samples: S of every request.
+        levels: (concurrency, measured requests, discarded warm-up requests) per level.
+        bare_batches: batch sizes of the bare ``predict`` timing.
+
+    Returns:
+        ``{"closed_loop": [row per level], "bare_predict": [{"batch_size", "ms", "images_per_s"}]}``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from service.engine import Engine
+    from service.errors import ServiceError
+    from service.settings import ServiceSettings
+
+    torch.set_num_threads(threads)
+    engine = Engine.open(model_dir, ServiceSettings(model=tag, num_samples=num_samples, backend=backend),  # type: ignore[arg-type]
+                         name="snodevit-bench", tag=tag)
+    try:
+        engine.warm_up()
+        params = engine.check(num_samples=num_samples, seed=0, top_k=3, alpha=None)
+
+        async def send() -> tuple[int, int | None]:
+            try:
+                answers, _ = await engine.classify([image], params, endpoint="bench")
+            except ServiceError as err:
+                return err.status, None
+            return 200, answers[0][1].batch_size
+
+        rows = [asyncio.run(closed_loop(send, c, n, w))
+                for c, n, w in tqdm(levels, desc=f"in-process engine ({backend})", disable=not progress,
+                                    dynamic_ncols=True)]
+        prep = engine.loaded.preprocessing
+        x = torch.randn(max(bare_batches), prep.channels, prep.image_size, prep.image_size)
+        bare = []
+        for b in bare_batches:  # on the inference thread, as the engine runs it
+            for _ in range(2):
+                engine.on_inference_thread(engine.loaded.predict, x[:b], num_samples=num_samples, seed=0)
+            times = []
+            for _ in range(7):
+                t0 = time.perf_counter()
+                engine.on_inference_thread(engine.loaded.predict, x[:b], num_samples=num_samples, seed=0)
+                times.append(time.perf_counter() - t0)
+            ms = 1e3 * statistics.median(times)
+            bare.append({"batch_size": b, "ms": ms, "images_per_s": b / (ms / 1e3)})
+    finally:
+        engine.close()
+    return {"closed_loop": rows, "bare_predict": bare}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:3000")

@@ -38,7 +38,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from snodevit.loading import open_model
 
 from .engine import Engine
 from .errors import ErrorShapeMiddleware, ServiceError, describe_validation_errors
@@ -128,8 +127,10 @@ class SNodeViTService:
         torch.set_num_threads(SETTINGS.threads)
         pinned = _bento_model_tag()
         stored = bentoml.models.get(pinned) if pinned else self.model_ref
-        loaded = open_model(stored.path, backend=SETTINGS.backend, device=SETTINGS.device)
-        self.engine = Engine(loaded, SETTINGS, name=stored.tag.name, tag=str(stored.tag), metrics=service_metrics())
+        # loaded on the inference thread, so that no other thread ever runs the model's torch operators
+        self.engine = Engine.open(stored.path, SETTINGS, name=stored.tag.name, tag=str(stored.tag),
+                                  metrics=service_metrics())
+        loaded = self.engine.loaded
         warm = self.engine.warm_up()
         self._ready = True
         logger.info("serving %s (%s, weights %s) on %s; loaded and warmed up in %.2f s (warm-up %.2f s)", stored.tag,

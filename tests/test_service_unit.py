@@ -608,3 +608,47 @@ def test_demo_trains_calibrates_exports_and_registers_once(tmp_path: Path, capsy
         calls.clear()
         assert demo.main(["--out", str(out)], fake_snodevit) == 0
         assert calls == [] and "nothing to do" in capsys.readouterr().out
+
+
+def test_engine_open_loads_and_runs_the_model_on_one_thread(prepared, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading on the inference thread keeps every torch operator of the model on it: a second thread with its own
+    OpenMP team (more OpenMP threads than cores) makes every small operator slower."""
+    import service.engine as engine_module
+    from service.engine import Engine
+    from service.settings import ServiceSettings
+    from snodevit.loading import CheckpointError, open_model
+
+    threads: dict[str, list[int]] = {"load": [], "predict": []}
+    real_open = engine_module.open_model
+
+    def recording_open(*args: Any, **kwargs: Any) -> Any:
+        threads["load"].append(threading.get_ident())
+        loaded = real_open(*args, **kwargs)
+        real_predict = loaded.predict
+
+        def recording_predict(*a: Any, **kw: Any) -> Any:
+            threads["predict"].append(threading.get_ident())
+            return real_predict(*a, **kw)
+
+        object.__setattr__(loaded, "predict", recording_predict)
+        return loaded
+
+    monkeypatch.setattr(engine_module, "open_model", recording_open)
+    engine = Engine.open(prepared.model_dir, ServiceSettings(num_samples=4), name="t", tag="t:1")
+    try:
+        engine.warm_up()
+        image = DIGIT_7.read_bytes()
+        params = engine.check(num_samples=4, seed=3, top_k=3, alpha=None)
+        answers, _ = run(engine.classify([image], params, endpoint="test"))
+        reference = Engine(open_model(prepared.model_dir), ServiceSettings(num_samples=4), name="t", tag="t:1")
+        try:
+            expected, _ = run(reference.classify([image], params, endpoint="test"))
+        finally:
+            reference.close()
+    finally:
+        engine.close()
+    assert len(threads["load"]) == 1 and threads["load"][0] != threading.get_ident()
+    assert threads["predict"] and set(threads["predict"]) == set(threads["load"])  # one thread for all of it
+    assert answers[0][0]["confidence"] == expected[0][0]["confidence"]  # the same model, the same answer
+    with pytest.raises(CheckpointError):
+        Engine.open(prepared.model_dir / "missing", ServiceSettings(), name="t", tag="t:1")
