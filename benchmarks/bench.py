@@ -417,10 +417,12 @@ def _cpu_seconds(server: Any) -> dict[str, float]:
     return {"client_cpu_s": time.process_time(), "server_cpu_s": used, "wall": time.perf_counter()}
 
 
-#: The servers of the service section: name -> (backend, extra SNODEVIT_* settings).
-SERVERS: dict[str, tuple[str, dict[str, str]]] = {"on": ("torch", {}), "off": ("torch", {"SNODEVIT_MAX_BATCH_SIZE": "1"}),
-                                                  "onnx": ("onnx", {"SNODEVIT_BACKEND": "onnx"})}
-SERVER_LABELS = {"on": "HTTP, batching on", "off": "HTTP, batching off", "onnx": "HTTP, batching on, ONNX Runtime"}
+#: The servers of the service section: name -> (backend, extra SNODEVIT_* settings, table label).
+SERVERS: dict[str, tuple[str, dict[str, str], str]] = {
+    "on": ("torch", {}, "HTTP, batching on"),
+    "off": ("torch", {"SNODEVIT_MAX_BATCH_SIZE": "1"}, "HTTP, batching off"),
+    "onnx": ("onnx", {"SNODEVIT_BACKEND": "onnx"}, "HTTP, batching on, ONNX Runtime"),
+}
 
 
 def service_path(quick: bool, threads: int, progress: bool, workdir: Path) -> dict[str, Any]:
@@ -452,7 +454,7 @@ def service_path(quick: bool, threads: int, progress: bool, workdir: Path) -> di
                            "num_samples": plan.num_samples, "in_process": inproc, "in_process_onnx": inproc_onnx,
                            "http": {}}
     try:
-        for mode, (_, extra) in SERVERS.items():  # all start at once: their imports and warm-up overlap
+        for mode, (_, extra, _) in SERVERS.items():  # all start at once: their imports and warm-up overlap
             servers[mode] = Server({**env, **extra})
         for mode, server in servers.items():
             out.setdefault("startup_s", {})[mode] = server.wait_ready()
@@ -468,7 +470,7 @@ def service_path(quick: bool, threads: int, progress: bool, workdir: Path) -> di
                     row.update({k: after[k] - before[k] for k in after if k != "wall"},
                                cpu_wall_s=after["wall"] - before["wall"])
                     rows.append(row)
-            backend, extra = SERVERS[mode]
+            backend, extra, _ = SERVERS[mode]
             out["http"][mode] = {"rows": rows, "peak_rss_mib": rss.peak_total / 2**20,
                                  "peak_rss_worker_mib": rss.peak_largest / 2**20, "backend": backend,
                                  "settings": {"SNODEVIT_MAX_BATCH_SIZE": "32 (default)", **extra}}
@@ -742,11 +744,13 @@ def markdown(result: dict[str, Any]) -> str:
                   "closed loop (each worker sends its next request when its answer arrives), warm-up requests "
                   "discarded, exact percentiles. Batching off = `SNODEVIT_MAX_BATCH_SIZE=1` (every image its own "
                   "pass). In-process = the same loop calling the service engine directly (decode, micro-batching, "
-                  "predict, answer records; no HTTP), run in a fresh process like the server's worker. ONNX Runtime rows: the same weights exported with attention "
-                  "maps (as `make serve` exports them) and served with `SNODEVIT_BACKEND=onnx`; ORT runs the whole "
-                  "graph in C++ without holding the GIL, while torch returns to Python between operators. "
+                  "predict, answer records; no HTTP), run in a fresh process like the server's worker. ONNX "
+                  "Runtime rows: the same weights exported with attention maps (as `make serve` exports them) "
+                  "and served with `SNODEVIT_BACKEND=onnx`; ORT runs the whole graph in C++ without holding the "
+                  "GIL, while torch returns to Python between operators. "
                   "Server start-up: "
-                  + ", ".join(f"batching {k} {v:.1f} s" for k, v in svc.get("startup_s", {}).items()) + ".", "",
+                  + "; ".join(f"{SERVERS[k][2].removeprefix('HTTP, ')} {v:.1f} s"
+                              for k, v in svc.get("startup_s", {}).items()) + ".", "",
                   "CPU columns: cores' worth of CPU time the load generator (this process) and the server's processes "
                   "used during the level (2.0 = both cores busy), so the client's share of this 2-core machine is "
                   "visible.", "",
@@ -755,7 +759,7 @@ def markdown(result: dict[str, Any]) -> str:
         sources = [("in-process", svc["in_process"]["closed_loop"])]
         if "in_process_onnx" in svc:
             sources.append(("in-process, ONNX Runtime", svc["in_process_onnx"]["closed_loop"]))
-        sources += [(SERVER_LABELS.get(k, f"HTTP, {k}"), v["rows"]) for k, v in svc["http"].items()]
+        sources += [(SERVERS[k][2], v["rows"]) for k, v in svc["http"].items()]
         for name, rows in sources:
             for r in rows:
                 lines.append(f"| {name} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.1f} | "

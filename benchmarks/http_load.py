@@ -273,8 +273,8 @@ def engine_load(model_dir: str, tag: str, backend: str, threads: int, image: byt
     from service.settings import ServiceSettings
 
     torch.set_num_threads(threads)
-    engine = Engine.open(model_dir, ServiceSettings(model=tag, num_samples=num_samples, backend=backend),  # type: ignore[arg-type]
-                         name="snodevit-bench", tag=tag)
+    settings = ServiceSettings(model=tag, num_samples=num_samples, backend=backend)  # type: ignore[arg-type]
+    engine = Engine.open(model_dir, settings, name="snodevit-bench", tag=tag)
     try:
         engine.warm_up()
         params = engine.check(num_samples=num_samples, seed=0, top_k=3, alpha=None)

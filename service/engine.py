@@ -379,9 +379,9 @@ class Engine:
         prep = self.loaded.preprocessing
         blank = torch.zeros(prep.channels, prep.image_size, prep.image_size)
         item = _Item(blank, 0, self.settings.num_samples, self.alphas[0] if self.alphas else None, 1, t0)
-        self._executor.submit(self._run_batch, [item], False).result()
+        self.on_inference_thread(self._run_batch, [item], False)
         if getattr(self.loaded.backend, "has_attention", True):
-            self._executor.submit(self.loaded.predict, blank[None], num_samples=1, seed=[0], attention=True).result()
+            self.on_inference_thread(self.loaded.predict, blank[None], num_samples=1, seed=[0], attention=True)
         return time.perf_counter() - t0
 
     def on_inference_thread(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:

@@ -38,7 +38,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-
 from .engine import Engine
 from .errors import ErrorShapeMiddleware, ServiceError, describe_validation_errors
 from .guard import RAW_PREFIX, RequestGuard, RouteRule
