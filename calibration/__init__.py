@@ -12,6 +12,8 @@ conformal sets and the accept/review rule, does not pay for importing matplotlib
 import importlib
 from typing import Any
 
+from .density import FeatureDensity, fit_feature_density
+from .novelty import conformal_p_values, fit_novelty_threshold, novelty_flags
 from .conformal import conformal_coverage, conformal_quantile_index, fit_conformal_threshold, prediction_sets
 from .metrics import (
     ReliabilityBins,
@@ -33,6 +35,7 @@ from .selective import SelectiveThreshold, decide, fit_selective_threshold, sele
 from .temperature import apply_temperature, calibrated_nll, fit_temperature
 
 __all__ = [
+    "FeatureDensity",
     "ReliabilityBins",
     "SelectiveThreshold",
     "accuracy",
@@ -45,15 +48,19 @@ __all__ = [
     "classwise_calibration_error",
     "confidence_histogram",
     "conformal_coverage",
+    "conformal_p_values",
     "conformal_quantile_index",
     "decide",
     "expected_calibration_error",
     "fit_conformal_threshold",
+    "fit_feature_density",
+    "fit_novelty_threshold",
     "fit_selective_threshold",
     "fit_temperature",
     "maximum_calibration_error",
     "misclassification_detection",
     "negative_log_likelihood",
+    "novelty_flags",
     "ood_detection",
     "prediction_sets",
     "reliability_bins",
