@@ -37,6 +37,7 @@ IMAGES = "images"
 NOISE = "noise"
 LOGITS = "logits"
 ATTENTION = "attention"
+FEATURES = "features"
 
 _REQUIRED = ("format", "version", "config", "class_names", "preprocessing", "calibration", "weights_sha256", "opset",
              "inputs", "noise_shape", "outputs", "dynamic", "static_sizes")
@@ -56,6 +57,8 @@ def io_shapes(cfg: SNodeViTConfig, attention_maps: bool) -> tuple[dict[str, str]
     if attention_maps:
         outputs[ATTENTION] = (f"(S, B, {cfg.depth}, {cfg.num_tokens}, {cfg.num_tokens}) float32 applied attention "
                               "per block (mean over heads and solver evaluations), token 0 = class token")
+    outputs[FEATURES] = (f"(S, B, {cfg.num_gate_features}, {cfg.gate_feature_dim}) float32 quadrant-pooled patch "
+                         f"tokens read by the out-of-distribution gate: {', '.join(cfg.gate_feature_names)}")
     return inputs, outputs
 
 

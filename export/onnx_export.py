@@ -1,8 +1,9 @@
 """Export a SNodeViT to one self-contained ONNX file with the noise as an input.
 
 The graph is ``model.sample_logits`` with the Monte Carlo samples folded into the batch: inputs ``images``
-(B, C, H, W) and ``noise`` (S, B, depth, K, N, m), output ``logits`` (S, B, classes) and optionally
-``attention`` (S, B, depth, N, N). The batch size B and the number of samples S are dynamic; the image size, the
+(B, C, H, W) and ``noise`` (S, B, depth, K, N, m), outputs ``logits`` (S, B, classes), optionally
+``attention`` (S, B, depth, N, N), and ``features`` (S, B, F, D), the pooled features the out-of-distribution
+gate reads (its fitted density lives in the calibration metadata, so a recalibrated model scores the same graph). The batch size B and the number of samples S are dynamic; the image size, the
 token count N and the noise tail (depth, K, N, m) are fixed by the config. Randomness stays outside the graph,
 so ONNX Runtime given the same noise reproduces PyTorch to float32 round-off, and ``snodevit.inference.predict``
 draws the same per-image noise for both backends.
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from snodevit.checkpoint import atomic_write_bytes, weights_hash
 from snodevit.model import SNodeViT
 
-from .metadata import ATTENTION, IMAGES, LOGITS, NOISE, check_meta, encode_metadata
+from .metadata import ATTENTION, FEATURES, IMAGES, LOGITS, NOISE, check_meta, encode_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,11 @@ class _SamplingGraph(nn.Module):
         self.model = model
         self.attention_maps = attention_maps
 
-    def forward(self, images: Tensor, noise: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        return self.model.sample_logits(images, noise=noise, return_attention=self.attention_maps)
+    def forward(self, images: Tensor, noise: Tensor) -> tuple[Tensor, ...]:
+        out = self.model.sample_logits(images, noise=noise, return_attention=self.attention_maps,
+                                       return_features=True)
+        assert isinstance(out, tuple)
+        return out
 
 
 @contextlib.contextmanager
@@ -114,7 +118,7 @@ def export_onnx(model: SNodeViT, path: str | Path, *, meta: Mapping[str, Any], o
     if dynamic:
         batch, samples = torch.export.Dim("batch"), torch.export.Dim("num_samples")
         dynamic_shapes = {"images": {0: batch}, "noise": {0: samples, 1: batch}}
-    outputs = [LOGITS, ATTENTION] if attention_maps else [LOGITS]
+    outputs = [LOGITS, ATTENTION, FEATURES] if attention_maps else [LOGITS, FEATURES]
 
     was_training = model.training
     model.eval()

@@ -25,7 +25,7 @@ from snodevit.config import SNodeViTConfig
 from snodevit.images import Preprocessing
 from snodevit.inference import Calibration
 
-from .metadata import ATTENTION, IMAGES, LOGITS, NOISE, OnnxModelError, check_file, decode_metadata
+from .metadata import ATTENTION, FEATURES, IMAGES, LOGITS, NOISE, OnnxModelError, check_file, decode_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +132,11 @@ class OnnxPredictor:
         self._output_names = [o.name for o in self._session.get_outputs()]
         self._check_graph()
         self.has_attention = ATTENTION in self._output_names
+        self.has_features = FEATURES in self._output_names
+        if self.calibration.needs_features and not self.has_features:
+            raise OnnxModelError(f"{self.path}: its calibration has a feature-density out-of-distribution gate, but "
+                                 "the graph has no 'features' output (exported by an older snodevit); re-export it "
+                                 "with `snodevit export`")
         logger.info("loaded %s on %s (providers %s)", self.path, self.device, self._session.get_providers())
 
     def _check_graph(self) -> None:
@@ -142,12 +147,12 @@ class OnnxPredictor:
         want_tail = list(c.noise_shape(1, 1)[2:])
         ok = (set(inputs) == {IMAGES, NOISE} and len(inputs[IMAGES]) == 4 and list(inputs[IMAGES][1:]) == want_images
               and len(inputs[NOISE]) == 6 and list(inputs[NOISE][2:]) == want_tail
-              and self._output_names[:1] == [LOGITS] and set(self._output_names) <= {LOGITS, ATTENTION})
+              and self._output_names[:1] == [LOGITS] and set(self._output_names) <= {LOGITS, ATTENTION, FEATURES})
         if not ok:
             got = {"inputs": inputs, "outputs": self._output_names}
             raise OnnxModelError(f"{self.path}: the graph's inputs/outputs {got} do not match its metadata "
                                  f"(images (B, {', '.join(map(str, want_images))}), noise (S, B, "
-                                 f"{', '.join(map(str, want_tail))}) -> logits [, attention])")
+                                 f"{', '.join(map(str, want_tail))}) -> logits [, attention] [, features])")
 
     @property
     def providers(self) -> list[str]:
@@ -175,8 +180,8 @@ class OnnxPredictor:
 
     @torch.no_grad()
     def sample_logits(self, images: Tensor, num_samples: int | None = None, noise: Tensor | None = None, *,
-                      generator: torch.Generator | None = None,
-                      return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                      generator: torch.Generator | None = None, return_attention: bool = False,
+                      return_features: bool = False) -> Tensor | tuple[Tensor, ...]:
         """Monte Carlo logits, the ONNX twin of ``SNodeViT.sample_logits``.
 
         Args:
@@ -186,9 +191,10 @@ class OnnxPredictor:
             generator: seeds the noise drawn when ``noise`` is None.
             return_attention: also return the applied attention (S, B, depth, N, N); the graph must have been
                 exported with attention maps.
+            return_features: also return the pooled gate features (S, B, F, D).
 
         Returns:
-            float32 logits (S, B, classes) [, attention], on ``images``' device.
+            float32 logits (S, B, classes) [, attention] [, features], on ``images``' device.
 
         Raises:
             ValueError: images or noise of the wrong shape, neither num_samples nor noise given, attention asked
@@ -197,6 +203,9 @@ class OnnxPredictor:
         if return_attention and not self.has_attention:
             raise ValueError(f"{self.path} was exported without attention maps; re-export it with "
                              "`snodevit export --attention-maps`")
+        if return_features and not self.has_features:
+            raise ValueError(f"{self.path} has no 'features' output (exported by an older snodevit); re-export it "
+                             "with `snodevit export`")
         self._check_images(images)
         b = images.shape[0]
         if noise is None:
@@ -204,14 +213,14 @@ class OnnxPredictor:
                 raise ValueError(f"num_samples must be >= 1 when no noise is given, got {num_samples!r}")
             noise = torch.randn(self.noise_shape(b, num_samples), generator=generator)
         self._check_noise(noise, b, num_samples)
-        names = [LOGITS, ATTENTION] if return_attention else [LOGITS]
+        names = [LOGITS] + ([ATTENTION] if return_attention else []) + ([FEATURES] if return_features else [])
         if self.device.type == "cuda":
             outs = self._run_cuda(images, noise, names)
         else:
             feeds = {IMAGES: _to_numpy(images), NOISE: _to_numpy(noise)}
             outs = [torch.from_numpy(o) for o in self._session.run(names, feeds)]
         outs = [o.to(images.device) for o in outs]
-        return (outs[0], outs[1]) if return_attention else outs[0]
+        return tuple(outs) if len(outs) > 1 else outs[0]
 
     def _run_cuda(self, images: Tensor, noise: Tensor, names: list[str]) -> list[Tensor]:
         """Run with IOBinding on torch CUDA tensors: no host round trip for inputs or outputs."""
@@ -220,7 +229,8 @@ class OnnxPredictor:
         n = noise.detach().to(dev, torch.float32).contiguous()
         s, b = n.shape[:2]
         c = self.cfg
-        shapes = {LOGITS: (s, b, c.num_classes), ATTENTION: (s, b, c.depth, c.num_tokens, c.num_tokens)}
+        shapes = {LOGITS: (s, b, c.num_classes), ATTENTION: (s, b, c.depth, c.num_tokens, c.num_tokens),
+                  FEATURES: (s, b, c.num_gate_features, c.gate_feature_dim)}
         outs = [torch.empty(shapes[name], device=dev, dtype=torch.float32) for name in names]
         binding = self._session.io_binding()
         for name, t in ((IMAGES, x), (NOISE, n)):

@@ -150,6 +150,21 @@ class SNodeViTConfig:
         """Index of the first block that takes noise; in a stochastic model the blocks before it are ODE blocks."""
         return self.depth - self.num_noise_blocks
 
+    @property
+    def gate_feature_names(self) -> tuple[str, ...]:
+        """Names of the pooled feature vectors ``sample_logits(return_features=True)`` returns, in order."""
+        return ("embed", *(f"block{i}" for i in range(self.depth)))
+
+    @property
+    def num_gate_features(self) -> int:
+        """F: how many pooled vectors per sample the OOD gate reads (the embedding and every block: 1 + depth)."""
+        return 1 + self.depth
+
+    @property
+    def gate_feature_dim(self) -> int:
+        """Width of one gate feature vector: the patch tokens' four quadrant means, 4 * dim."""
+        return 4 * self.dim
+
     def noise_shape(self, batch_size: int, num_samples: int = 1) -> tuple[int, ...]:
         """Shape of the noise of ``num_samples`` samples of ``batch_size`` images: (S, B, L, K, N, m).
 

@@ -24,6 +24,22 @@ from .sde import DiffusionMagnitude, SDEBlock
 class ForwardAux(NamedTuple):
     attention: Tensor | None  # (B, depth, N, N) applied attention per block, mean over heads and steps
     reg: Tensor  # scalar: sum of the attention regularisers (KSVD J^2) over blocks, 0 when none
+    features: Tensor | None = None  # (B, blocks run, 4 D): each block's patch tokens pooled by quadrant
+
+
+def quadrant_pool(tokens: Tensor) -> Tensor:
+    """The patch tokens (B, 1 + g*g, D) averaged over the four quadrants of the patch grid, concatenated: (B, 4 D).
+
+    The quadrants of an odd grid share its middle row and column (what ``adaptive_avg_pool2d(..., 2)`` does, with
+    plain slices so that the ONNX export needs no adaptive pooling). Unlike one mean over all patches, this keeps
+    where things are, which is what tells a rotated digit from an upright one.
+    """
+    b, n, d = tokens.shape
+    g = int(round((n - 1) ** 0.5))
+    grid = tokens[:, 1:].reshape(b, g, g, d)
+    lo, hi = (g + 1) // 2, g // 2  # first half [0, lo), second half [hi, g)
+    parts = [grid[:, r, c].mean(dim=(1, 2)) for r in (slice(0, lo), slice(hi, g)) for c in (slice(0, lo), slice(hi, g))]
+    return torch.cat(parts, dim=-1)  # (B, 4 D)
 
 
 def _conv_stem(cfg: SNodeViTConfig) -> nn.Sequential:
@@ -146,15 +162,18 @@ class SNodeViT(nn.Module):
         return torch.cat((cls, x), dim=1) + self.pos_embed
 
     def integrate(self, tokens: Tensor, noise: Tensor | None, need_weights: bool = False, *,
-                  start: int = 0, stop: int | None = None, final_norm: bool = True) -> tuple[Tensor, ForwardAux]:
+                  start: int = 0, stop: int | None = None, final_norm: bool = True,
+                  need_features: bool = False) -> tuple[Tensor, ForwardAux]:
         """Run blocks ``start`` to ``stop`` (all by default). tokens (B', N, D); noise (B', L, K, N, m) or None.
 
         The noise of the diffusion blocks among them is ``noise[:, i - first_noise_block]``; None integrates the
         ODE. ``final_norm`` applies the closing LayerNorm (for a run that ends with the last block).
+        ``need_features`` also returns each block's pooled output (``ForwardAux.features``).
         """
         stop = len(self.blocks) if stop is None else stop
         first = self.cfg.first_noise_block
         weights = []
+        pooled: list[Tensor] = []
         reg = tokens.new_zeros(())
         for i in range(start, stop):
             xi = None if (noise is None or i < first) else noise[:, i - first]
@@ -163,8 +182,11 @@ class SNodeViT(nn.Module):
                 weights.append(aux.weights)
             if aux.reg is not None:
                 reg = reg + aux.reg
+            if need_features:
+                pooled.append(quadrant_pool(tokens))
         attn = torch.stack(weights, dim=1) if weights else None  # (B', stop - start, N, N)
-        return self.norm(tokens) if final_norm else tokens, ForwardAux(attn, reg)
+        feats = torch.stack(pooled, dim=1) if pooled else None  # (B', stop - start, 4 D)
+        return self.norm(tokens) if final_norm else tokens, ForwardAux(attn, reg, feats)
 
     def forward_features(self, images: Tensor, noise: Tensor | None = None, *,
                          generator: torch.Generator | None = None, need_weights: bool = False,
@@ -207,8 +229,8 @@ class SNodeViT(nn.Module):
         return self.forward_head(tokens), self.cfg.ksvd_loss_weight * aux.reg
 
     def sample_logits(self, images: Tensor, num_samples: int | None = None, noise: Tensor | None = None, *,
-                      generator: torch.Generator | None = None,
-                      return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                      generator: torch.Generator | None = None, return_attention: bool = False,
+                      return_features: bool = False) -> Tensor | tuple[Tensor, ...]:
         """Monte Carlo logits with the samples folded into one batch.
 
         Args:
@@ -217,9 +239,12 @@ class SNodeViT(nn.Module):
             noise: (S, B, L, K, N, m) standard normals or None to draw them (L = ``cfg.num_noise_blocks``).
             generator: seeds the noise drawn when ``noise`` is None.
             return_attention: also return the applied attention (S, B, depth, N, N).
+            return_features: also return the pooled features the OOD gate models, (S, B, F, 4 D) with
+                F = ``cfg.num_gate_features``: the embedded patch tokens and each block's output, each pooled by
+                quadrant of the patch grid (:func:`quadrant_pool`; ``SNodeViTConfig.gate_feature_names``).
 
         Returns:
-            Logits (S, B, classes) [, attention].
+            Logits (S, B, classes) [, attention] [, features].
 
         Raises:
             ValueError: images or noise of the wrong shape, or neither num_samples nor noise given.
@@ -239,25 +264,35 @@ class SNodeViT(nn.Module):
         scale = self.diffusion_magnitude(tokens) if noise is not None else None
         if scale is not None and noise is not None:
             noise = noise * scale.view(1, b, 1, 1, 1, 1).to(noise.dtype)  # (S, B, L, K, N, m)
+        shared_feats = [quadrant_pool(tokens).unsqueeze(1)] if return_features else []  # (B, 1, 4 D)
         # the ODE blocks before the first diffusion block are deterministic: run once per image, shared by the
         # samples (none in a model without diffusion, whose S passes MC dropout tells apart)
         shared = self.cfg.first_noise_block if self.cfg.stochastic else 0
         prefix_attn = None
         if shared:
-            tokens, prefix = self.integrate(tokens, None, return_attention, stop=shared, final_norm=False)
+            tokens, prefix = self.integrate(tokens, None, return_attention, stop=shared, final_norm=False,
+                                            need_features=return_features)
             prefix_attn = prefix.attention
+            if prefix.features is not None:
+                shared_feats.append(prefix.features)  # (B, shared, 4 D)
         n, d = tokens.shape[1:]
         tokens = tokens.unsqueeze(0).expand(s, b, n, d).reshape(s * b, n, d)  # (S*B, N, D)
         folded = noise.reshape(s * b, *noise.shape[2:]) if (noise is not None and self.cfg.stochastic) else None
-        tokens, aux = self.integrate(tokens, folded, return_attention, start=shared)
+        tokens, aux = self.integrate(tokens, folded, return_attention, start=shared, need_features=return_features)
         logits = self.forward_head(tokens).reshape(s, b, -1)  # (S, B, classes)
+        out: tuple[Tensor, ...] = (logits,)
         if return_attention:
             assert aux.attention is not None
             attn = aux.attention.reshape(s, b, *aux.attention.shape[1:])  # (S, B, depth - shared, N, N)
             if prefix_attn is not None:
                 attn = torch.cat((prefix_attn.unsqueeze(0).expand(s, *prefix_attn.shape), attn), dim=2)
-            return logits, attn
-        return logits
+            out += (attn,)
+        if return_features:
+            assert aux.features is not None
+            prefix_f = torch.cat(shared_feats, dim=1)  # (B, 1 + shared, 4 D)
+            own = aux.features.reshape(s, b, *aux.features.shape[1:])  # (S, B, depth - shared, 4 D)
+            out += (torch.cat((prefix_f.unsqueeze(0).expand(s, *prefix_f.shape), own), dim=2),)  # (S, B, F, 4 D)
+        return out[0] if len(out) == 1 else out
 
 
 def create_model(name: str = "tiny", **overrides: Any) -> SNodeViT:

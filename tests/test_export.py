@@ -173,7 +173,8 @@ def test_metadata_round_trips_and_the_file_alone_describes_the_model(exported: E
     assert md["noise_shape"] == {"rule": "(S, B, L, K, N, m)", "L": c.num_noise_blocks or c.depth, "K": c.num_steps,
                                  "N": c.num_tokens, "m": c.noise_dim}
     assert md["dynamic"] is True and md["static_sizes"] is None
-    assert set(md["outputs"]) == ({"logits", "attention"} if VARIANTS[exported.name][1] else {"logits"})
+    want = {"logits", "attention", "features"} if VARIANTS[exported.name][1] else {"logits", "features"}
+    assert set(md["outputs"]) == want  # every graph carries the OOD gate's features
     assert pred.noise_shape(3, 5) == m.noise_shape(3, 5)
     assert SNodeViT(md["config"]).noise_shape(2, 4) == m.noise_shape(2, 4)  # rebuildable from the file
 
@@ -359,3 +360,83 @@ def test_every_other_attention_backend_exports_and_matches(attention: str, tmp_p
     logits, attn = pred.sample_logits(x, noise=noise, return_attention=True)
     assert float((logits - ref_logits).abs().max()) <= TOL
     assert float((attn - ref_attn).abs().max()) <= TOL
+
+
+# ----------------------------------------------------------------------------------------------- OOD gate
+def test_features_output_matches_pytorch(exported: Exported) -> None:
+    m = exported.model
+    x = _images(3)
+    noise = torch.randn(m.noise_shape(3, 4), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = m.sample_logits(x, noise=noise, return_features=True)[1]
+    got_logits, got = exported.predictor.sample_logits(x, noise=noise, return_features=True)
+    assert got.shape == (4, 3, m.cfg.num_gate_features, m.cfg.gate_feature_dim)
+    assert float((got - ref).abs().max()) <= TOL
+
+
+def _gated_meta(model: SNodeViT) -> tuple[dict[str, Any], Calibration]:
+    """META plus a feature-density gate fitted on the model's own features of random images, with a threshold
+    at the median score of other images, so that about half of a test batch is flagged."""
+    import dataclasses
+
+    from calibration import fit_feature_density
+    from snodevit.inference import OodGate
+
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(120, 1, 28, 28, generator=gen)
+    with torch.no_grad():
+        feats = model.sample_logits(x, noise=torch.randn(model.noise_shape(120, 1), generator=gen),
+                                    return_features=True)[1][0]
+    density = fit_feature_density(feats.double(), torch.arange(120) % 10, 10)
+    probe = _images(40, seed=21) * 1.5
+    with torch.no_grad():
+        probe_feats = model.sample_logits(probe, noise=torch.randn(model.noise_shape(40, 1), generator=gen),
+                                          return_features=True)[1][0]
+    threshold = float(density.score(probe_feats.double()).median())
+    base = Calibration.from_dict(META["calibration"])
+    gated = dataclasses.replace(base, ood_gate=OodGate(score="feature_density", threshold=threshold,
+                                                       review_rate=0.05, density=density, calibration_images=40))
+    return {**META, "calibration": gated.to_dict()}, Calibration.from_dict(gated.to_dict())
+
+
+@pytest.mark.parametrize("variant", ["ksvd-sde-euler", "ksvd-sde-last-block-maps"])
+def test_gate_decisions_are_identical_on_both_backends(variant: str, tmp_path: Path) -> None:
+    overrides, _ = VARIANTS[variant]
+    m = _model(**overrides)
+    meta, gated = _gated_meta(m)
+    pred = OnnxPredictor(export_onnx(m, tmp_path / "model.onnx", meta=meta), device="cpu", intra_op_threads=1)
+    assert pred.calibration == gated  # the density travels in the graph's metadata, to the bit
+    x = _images(40, seed=21) * 1.5  # the probe images: about half above the threshold
+    kwargs = dict(num_samples=4, seed=list(range(40)), calibration=pred.calibration)
+    a, b = predict(pred, x, **kwargs), predict(m, x, **kwargs)
+    assert a.ood_score is not None and b.ood_score is not None and a.out_of_distribution is not None
+    assert float((a.ood_score - b.ood_score).abs().max()) <= 1e-4 * float(b.ood_score.abs().max())
+    assert torch.equal(a.out_of_distribution, b.out_of_distribution)
+    assert 5 <= int(a.out_of_distribution.sum()) <= 35  # the gate really splits the batch
+    assert torch.equal(a.accept, b.accept) and a.reason_codes == b.reason_codes
+    assert all(code == "out_of_distribution" for code, f in zip(a.reason_codes, a.out_of_distribution) if f)
+    # the score is the density of each image's mean feature over its samples (an independent recomputation)
+    from snodevit.inference import draw_noise
+
+    noise = draw_noise(m, list(range(40)), 4)
+    with torch.no_grad():
+        feats = m.sample_logits(x, noise=noise, return_features=True)[1]
+    assert gated.ood_gate is not None and gated.ood_gate.density is not None
+    ref = gated.ood_gate.density.score(feats.double().mean(dim=0))
+    assert float((b.ood_score - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
+
+
+def test_gated_calibration_refuses_a_graph_without_features(get_export: Callable[[str], Exported],
+                                                             tmp_path: Path) -> None:
+    import onnx
+
+    exp = get_export("ksvd-sde-euler")
+    meta, _ = _gated_meta(exp.model)
+    path = export_onnx(exp.model, tmp_path / "gated.onnx", meta=meta)
+    proto = onnx.load(str(path))
+    keep = [o for o in proto.graph.output if o.name != "features"]
+    del proto.graph.output[:]
+    proto.graph.output.extend(keep)  # what a graph exported before the gate existed looks like
+    onnx.save(proto, str(tmp_path / "old.onnx"))
+    with pytest.raises(OnnxModelError, match="re-export"):
+        OnnxPredictor(tmp_path / "old.onnx", device="cpu")
