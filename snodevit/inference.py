@@ -29,13 +29,16 @@ References:
 
 from __future__ import annotations
 
+import base64
 import math
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol, Sequence, get_args
 
 import torch
 from torch import Tensor
+
+from calibration.density import FeatureDensity
 
 MAX_SEED = 2**63 - 1
 AUTO = "auto"  # num_samples value that asks for adaptive sampling
@@ -48,10 +51,11 @@ class SamplingBackend(Protocol):
     def noise_shape(self, batch_size: int, num_samples: int = 1) -> tuple[int, ...]: ...
 
     def sample_logits(self, images: Tensor, num_samples: int | None = None, noise: Tensor | None = None, *,
-                      return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]: ...
+                      return_attention: bool = False,
+                      return_features: bool = False) -> Tensor | tuple[Tensor, ...]: ...
 
 
-def _threshold_to_json(value: float) -> float | str:
+def threshold_to_json(value: float) -> float | str:
     """A threshold as a strict-JSON value: a finite number as it is, +-inf as the string "Infinity" / "-Infinity".
 
     Strict JSON has no infinity (``json.dumps`` would write the bare token ``Infinity``, which many parsers refuse);
@@ -69,7 +73,7 @@ def _threshold_to_json(value: float) -> float | str:
 
 
 def _threshold_from_json(value: Any, name: str) -> float:
-    """The inverse of ``_threshold_to_json``; also takes the float inf that older files hold (bare ``Infinity``).
+    """The inverse of ``threshold_to_json``; also takes the float inf that older files hold (bare ``Infinity``).
 
     Raises:
         ValueError: neither a number nor a string ``float()`` reads, or NaN.
@@ -81,6 +85,124 @@ def _threshold_from_json(value: Any, name: str) -> float:
     if math.isnan(out):
         raise ValueError(f"calibration {name} is NaN; re-run `snodevit calibrate`")
     return out
+
+
+GateScore = Literal["feature_density", "energy", "mutual_information"]
+GATE_SCORES: tuple[str, ...] = get_args(GateScore)
+#: Reason codes of a decision: accepted, sent to review for low confidence, or for being out of distribution.
+ReasonCode = Literal["accepted", "low_confidence", "out_of_distribution"]
+REASON_CODES: tuple[str, ...] = get_args(ReasonCode)
+ACCEPTED, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION = REASON_CODES
+
+
+def _density_to_json(density: FeatureDensity) -> str:
+    """The density's tensors as base64 safetensors in float32 (``FeatureDensity.rounded`` reads back exactly)."""
+    from safetensors.torch import save
+
+    return base64.b64encode(save({k: v.float().contiguous() for k, v in density.to_tensors().items()})).decode()
+
+
+def _density_from_json(text: str) -> FeatureDensity:
+    from safetensors.torch import load
+
+    try:
+        return FeatureDensity.from_tensors(load(base64.b64decode(text.encode(), validate=True)))
+    except Exception as e:  # binascii.Error, SafetensorError, ValueError: all mean a damaged calibration
+        raise ValueError(f"calibration ood_gate density is unreadable ({e}); re-run `snodevit calibrate`") from None
+
+
+@dataclass(frozen=True)
+class OodGate:
+    """The out-of-distribution gate: review an image whose score exceeds ``threshold``.
+
+    The threshold is the conformal novelty threshold (:func:`calibration.fit_novelty_threshold`) of the score on
+    the calibration split, so an in-distribution image is sent to review with probability at most
+    ``review_rate`` (Bates et al. 2023). Scores (larger = more unusual; :meth:`image_scores`):
+
+    * ``feature_density``: :class:`calibration.FeatureDensity` of every layer's quadrant-pooled patch tokens,
+      averaged over the image's samples;
+    * ``energy``: ``-T logsumexp(z / T)`` of the logits (Liu et al. 2020), averaged over the samples;
+    * ``mutual_information``: the epistemic uncertainty of the samples.
+
+    References:
+        Liu, Wang, Owens, Li. "Energy-based Out-of-distribution Detection." NeurIPS 2020.
+    """
+
+    score: GateScore  # what the gate thresholds
+    threshold: float  # review when score > threshold; +inf: the gate never fires
+    review_rate: float  # in-distribution share of images sent to review it was fitted for
+    density: FeatureDensity | None = None  # the fitted density of score "feature_density"
+    calibration_images: int = 0  # size of the split the threshold was fitted on
+
+    def __post_init__(self) -> None:
+        if self.score not in GATE_SCORES:
+            raise ValueError(f"ood_gate score must be one of {list(GATE_SCORES)}, got {self.score!r}")
+        if (self.score == "feature_density") != (self.density is not None):
+            raise ValueError("an ood_gate of score 'feature_density' needs a density, and only that score has one")
+        if not 0.0 < self.review_rate < 1.0:
+            raise ValueError(f"ood_gate review_rate must be in (0, 1), got {self.review_rate}")
+
+    def summary(self) -> dict[str, Any]:
+        """What people read (``/metadata``, reports): everything but the density's tensors."""
+        out: dict[str, Any] = {"score": self.score, "threshold": threshold_to_json(self.threshold),
+                               "review_rate": self.review_rate, "calibration_images": self.calibration_images}
+        if self.density is not None:
+            out["feature_groups"] = self.density.num_groups
+            out["feature_dim"] = self.density.dim
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.summary()
+        if self.density is not None:
+            out["density"] = _density_to_json(self.density)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "OodGate":
+        try:
+            density = _density_from_json(data["density"]) if data.get("density") is not None else None
+            return cls(score=data["score"], threshold=_threshold_from_json(data["threshold"], "ood_gate threshold"),
+                       review_rate=float(data["review_rate"]), density=density,
+                       calibration_images=int(data.get("calibration_images", 0)))
+        except KeyError as e:
+            raise ValueError(f"calibration ood_gate lacks {e}; re-run `snodevit calibrate`") from None
+
+    def image_scores(self, logits: Tensor, features: Tensor | None, temperature: float) -> Tensor:
+        """(B,) float64 score of each image from its samples' logits (n, B, C) and features (n, B, G, D).
+
+        ``feature_density`` scores the mean feature over the samples (one whitening per image, not per sample:
+        with noise in the last block only, the samples share every earlier layer's features anyway); ``energy``
+        is the mean of the samples' energies; ``mutual_information`` the epistemic part of the samples' entropy.
+        """
+        if self.score == "feature_density":
+            if features is None:
+                raise ValueError("the feature_density gate needs the features of the passes")
+            assert self.density is not None
+            return self.density.score(features.double().mean(dim=0)).cpu()
+        if self.score == "energy":
+            return self.sample_scores(logits, features, temperature).mean(dim=0)
+        return summarize(logits, temperature).epistemic.double().cpu()
+
+    def sample_scores(self, logits: Tensor, features: Tensor | None, temperature: float) -> Tensor:
+        """(n, B) float64 score of every sample on its own, the spread adaptive sampling judges the margin by;
+        not defined for ``mutual_information``, a property of all samples together.
+
+        Raises:
+            ValueError: for the ``mutual_information`` gate, or ``feature_density`` without features.
+        """
+        if self.score == "feature_density":
+            if features is None:
+                raise ValueError("the feature_density gate needs the features of the passes")
+            assert self.density is not None
+            return self.density.score(features).cpu()
+        if self.score == "energy":
+            return (-temperature * torch.logsumexp(logits.double() / temperature, dim=-1)).cpu()
+        raise ValueError("the mutual_information gate has no per-sample score")
+
+    def reason(self, score: float, flagged: bool) -> str:
+        op = ">" if flagged else "<="
+        return (f"out-of-distribution score ({self.score}) {score:.4g} {op} threshold {self.threshold:.4g} (fitted "
+                f"to send {self.review_rate:.1%} of in-distribution images to review)")
 
 
 @dataclass(frozen=True)
@@ -100,10 +222,17 @@ class Calibration:
     decision_score: str = "confidence"  # "confidence" or "epistemic": what the accept/review rule looks at
     decision_threshold: float | None = None  # accept when confidence >= it (epistemic <= it); None: all; +-inf: none
     target_risk: float | None = None  # error rate among accepted images the threshold was fitted for
+    ood_gate: OodGate | None = None  # out-of-distribution gate, checked before the confidence rule; None: no gate
 
     @property
     def is_fitted(self) -> bool:
-        return bool(self.conformal_thresholds) or self.decision_threshold is not None or self.temperature != 1.0
+        return (bool(self.conformal_thresholds) or self.decision_threshold is not None or self.temperature != 1.0
+                or self.ood_gate is not None)
+
+    @property
+    def needs_features(self) -> bool:
+        """Whether ``predict`` must ask the backend for the pooled features (the feature-density gate)."""
+        return self.ood_gate is not None and self.ood_gate.score == "feature_density"
 
     def to_dict(self) -> dict[str, Any]:
         """Strict JSON (``json.dumps(..., allow_nan=False)`` takes it): infinite thresholds become strings.
@@ -111,10 +240,13 @@ class Calibration:
         Raises:
             ValueError: a NaN threshold.
         """
-        decision = None if self.decision_threshold is None else _threshold_to_json(self.decision_threshold)
-        return {"temperature": self.temperature, "conformal_score": self.conformal_score,
-                "conformal_thresholds": {k: _threshold_to_json(v) for k, v in self.conformal_thresholds.items()},
-                "decision_score": self.decision_score, "decision_threshold": decision, "target_risk": self.target_risk}
+        decision = None if self.decision_threshold is None else threshold_to_json(self.decision_threshold)
+        out = {"temperature": self.temperature, "conformal_score": self.conformal_score,
+               "conformal_thresholds": {k: threshold_to_json(v) for k, v in self.conformal_thresholds.items()},
+               "decision_score": self.decision_score, "decision_threshold": decision, "target_risk": self.target_risk}
+        if self.ood_gate is not None:  # files of models without a gate stay as they were
+            out["ood_gate"] = self.ood_gate.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "Calibration":
@@ -132,7 +264,8 @@ class Calibration:
                                          for k, v in (data.get("conformal_thresholds") or {}).items()},
                    decision_score=str(data.get("decision_score", "confidence")),
                    decision_threshold=None if decision is None else _threshold_from_json(decision, "decision_threshold"),
-                   target_risk=None if data.get("target_risk") is None else float(data["target_risk"]))
+                   target_risk=None if data.get("target_risk") is None else float(data["target_risk"]),
+                   ood_gate=None if not data.get("ood_gate") else OodGate.from_dict(data["ood_gate"]))
 
     def threshold_for(self, alpha: float) -> float:
         """Conformal threshold fitted for ``alpha`` (a key of ``conformal_thresholds``).
@@ -209,6 +342,10 @@ class Prediction:
     num_samples: list[int]  # samples each image's answer used (all equal unless adaptive)
     attention: Tensor | None = None  # (B, depth, g, g) query -> patch attention per block
     rollout: Tensor | None = None  # (B, g, g)
+    reason_codes: list[str] = field(default_factory=list)  # per image, one of REASON_CODES
+    ood_score: Tensor | None = None  # (B,) float64 gate score, None without a gate
+    out_of_distribution: Tensor | None = None  # (B,) bool: the gate fired, None without a gate
+    ood_gate: OodGate | None = None  # the gate that made ``ood_score`` and ``out_of_distribution``
 
 
 def _entropy(p: Tensor) -> Tensor:
@@ -277,7 +414,7 @@ CPU_ROWS_PER_PASS = 64
 
 
 def sample_in_passes(backend: SamplingBackend, images: Tensor, noise: Tensor, *, attention: bool = False,
-                     max_rows: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                     features: bool = False, max_rows: int | None = None) -> Tensor | tuple[Tensor, ...]:
     """``backend.sample_logits(images, noise=noise)`` in passes of at most ``max_rows`` images x samples.
 
     Each pass folds its samples into the batch with the prefix computed once per image; images are split first,
@@ -288,34 +425,35 @@ def sample_in_passes(backend: SamplingBackend, images: Tensor, noise: Tensor, *,
         images: (B, C, H, W).
         noise: (S, B, ...) standard normals.
         attention: also return the applied attention (S, B, depth, N, N).
+        features: also return the pooled features of the OOD gate (S, B, G, D).
         max_rows: the most rows per pass; None: ``CPU_ROWS_PER_PASS`` on a CPU, everything at once elsewhere.
 
     Returns:
-        Logits (S, B, classes) [, attention], as one ``sample_logits`` call would give them (up to float32
-        rounding when the passes differ in shape).
+        Logits (S, B, classes) [, attention] [, features], as one ``sample_logits`` call would give them (up to
+        float32 rounding when the passes differ in shape).
     """
     s, b = noise.shape[:2]
     if max_rows is None:
         max_rows = CPU_ROWS_PER_PASS if images.device.type == "cpu" else s * b
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    flags = {"return_attention": attention, "return_features": features} if features else \
+        {"return_attention": attention}  # a baseline without features never sees the keyword
     if s * b <= max_rows:
-        return backend.sample_logits(images, s, noise, return_attention=attention)
+        return backend.sample_logits(images, s, noise, **flags)
     per_pass_images = max(1, max_rows // s)
     per_pass_samples = s if per_pass_images > 1 else min(s, max_rows)
-    outs = []
+    rows = []  # one list of passes per image group, each pass a tuple of outputs
     for i in range(0, b, per_pass_images):
         cols = []
         for j in range(0, s, per_pass_samples):
             part = noise[j:j + per_pass_samples, i:i + per_pass_images]
-            cols.append(backend.sample_logits(images[i:i + per_pass_images], part.shape[0], part,
-                                              return_attention=attention))
-        outs.append(cols)
-    if not attention:
-        return torch.cat([torch.cat(cols, dim=0) for cols in outs], dim=1)
-    logits = torch.cat([torch.cat([c[0] for c in cols], dim=0) for cols in outs], dim=1)
-    attn = torch.cat([torch.cat([c[1] for c in cols], dim=0) for cols in outs], dim=1)
-    return logits, attn
+            out = backend.sample_logits(images[i:i + per_pass_images], part.shape[0], part, **flags)
+            cols.append(out if isinstance(out, tuple) else (out,))
+        rows.append(cols)
+    joined = tuple(torch.cat([torch.cat([c[k] for c in cols], dim=0) for cols in rows], dim=1)
+                   for k in range(len(rows[0][0])))
+    return joined if len(joined) > 1 else joined[0]
 
 
 def attention_maps(attention: Tensor, pool: str = "cls") -> tuple[Tensor, Tensor]:
@@ -347,24 +485,44 @@ def attention_maps(attention: Tensor, pool: str = "cls") -> tuple[Tensor, Tensor
     return maps.reshape(b, depth, g, g).float(), r_rows.reshape(b, g, g).float()
 
 
-def _decide(summary: UncertaintySummary, cal: Calibration) -> tuple[Tensor, list[str]]:
+def decide_outcomes(summary: UncertaintySummary, cal: Calibration,
+            ood_score: Tensor | None) -> tuple[Tensor, list[str], list[str], Tensor | None]:
+    """The decision of each image: the OOD gate first, then the confidence (or epistemic) rule.
+
+    Returns:
+        accept (B,) bool, reasons (text), reason codes (``REASON_CODES``), and the gate's flags (None without one).
+    """
     from calibration.selective import decide
 
     b = summary.probs.shape[0]
+    flagged = None
+    if cal.ood_gate is not None:
+        assert ood_score is not None
+        flagged = ood_score.cpu() > cal.ood_gate.threshold
     if cal.decision_threshold is None:
-        return torch.ones(b, dtype=torch.bool), ["no decision threshold calibrated: accepted by default"] * b
-    if cal.decision_score == "confidence":
-        scores, higher = summary.confidence, True
-    elif cal.decision_score == "epistemic":
-        scores, higher = summary.epistemic, False
+        accept = torch.ones(b, dtype=torch.bool)
+        rule = ["no decision threshold calibrated: accepted by default"] * b
     else:
-        raise ValueError(f"decision_score must be 'confidence' or 'epistemic', got {cal.decision_score!r}")
-    accept = decide(scores, cal.decision_threshold, higher_is_confident=higher)
-    risk = f" (fitted for {cal.target_risk:.1%} error among accepted)" if cal.target_risk is not None else ""
-    op_ok, op_bad = (">=", "<") if higher else ("<=", ">")
-    reasons = [f"{cal.decision_score} {float(v):.4f} {op_ok if ok else op_bad} threshold {cal.decision_threshold:.4f}{risk}"
-               for v, ok in zip(scores, accept.tolist())]
-    return accept, reasons
+        if cal.decision_score == "confidence":
+            scores, higher = summary.confidence, True
+        elif cal.decision_score == "epistemic":
+            scores, higher = summary.epistemic, False
+        else:
+            raise ValueError(f"decision_score must be 'confidence' or 'epistemic', got {cal.decision_score!r}")
+        accept = decide(scores, cal.decision_threshold, higher_is_confident=higher).cpu()
+        risk = f" (fitted for {cal.target_risk:.1%} error among accepted)" if cal.target_risk is not None else ""
+        op_ok, op_bad = (">=", "<") if higher else ("<=", ">")
+        rule = [f"{cal.decision_score} {float(v):.4f} {op_ok if ok else op_bad} threshold "
+                f"{cal.decision_threshold:.4f}{risk}" for v, ok in zip(scores, accept.tolist())]
+    codes = [ACCEPTED if ok else LOW_CONFIDENCE for ok in accept.tolist()]
+    reasons = rule
+    if flagged is not None:
+        assert cal.ood_gate is not None and ood_score is not None
+        gate = [cal.ood_gate.reason(float(v), bool(f)) for v, f in zip(ood_score, flagged.tolist())]
+        codes = [OUT_OF_DISTRIBUTION if f else c for f, c in zip(flagged.tolist(), codes)]
+        reasons = [g if f else f"{r}; {g}" for g, f, r in zip(gate, flagged.tolist(), rule)]
+        accept = accept & ~flagged
+    return accept, reasons, codes, flagged
 
 
 def _standard_error(values: Tensor) -> Tensor:
@@ -394,7 +552,8 @@ def uncertainty_standard_errors(sample_probs: Tensor) -> tuple[Tensor, Tensor, T
     return _standard_error(influence), _standard_error(h_s), _standard_error(influence - h_s)
 
 
-def settled(logit_samples: Tensor, calibration: Calibration, rule: AdaptiveSampling) -> Tensor:
+def settled(logit_samples: Tensor, calibration: Calibration, rule: AdaptiveSampling,
+            features: Tensor | None = None) -> Tensor:
     """Which images' answers the adaptive rule considers settled after the samples so far.
 
     With calibrated sample probabilities ``p_s`` (n, B, C) and their mean ``p``, an image is settled when
@@ -403,7 +562,10 @@ def settled(logit_samples: Tensor, calibration: Calibration, rule: AdaptiveSampl
     * decision: ``|score - threshold| > z * SE(score)`` for the calibrated accept/review rule (confidence
       ``p[c1]``, or epistemic uncertainty); always settled when no threshold is calibrated;
     * uncertainty: ``z * SE <= tolerance`` for total, aleatoric and epistemic uncertainty
-      (``uncertainty_standard_errors``).
+      (``uncertainty_standard_errors``);
+    * out-of-distribution gate: ``|score - threshold| > z * SE``, with SE the standard error of the mean of the
+      per-sample gate scores (``OodGate.sample_scores``; from ``features`` (n, B, G, D) for the feature-density
+      gate); for a gate on mutual information, its delta-method SE.
 
     SE is the sample standard deviation over sqrt(n); with fewer than 2 samples nothing is settled.
 
@@ -438,23 +600,43 @@ def settled(logit_samples: Tensor, calibration: Calibration, rule: AdaptiveSampl
         else:
             raise ValueError(f"decision_score must be 'confidence' or 'epistemic', got {calibration.decision_score!r}")
         decision_ok = margin > rule.z * se
+    gate = calibration.ood_gate
+    if gate is not None and math.isfinite(gate.threshold):
+        t = calibration.temperature
+        if gate.score == "mutual_information":
+            epistemic = (_entropy(p) - _entropy(p_s).mean(dim=0)).clamp_min(0.0)
+            margin, se = (epistemic - gate.threshold).abs(), se_epi
+        else:
+            margin = (gate.image_scores(logit_samples, features, t) - gate.threshold).abs().to(p.device)
+            se = _standard_error(gate.sample_scores(logit_samples, features, t)).to(p.device)
+        decision_ok = decision_ok & (margin > rule.z * se)
     return label_ok & decision_ok & unc_ok
 
 
+def _run_passes(backend: SamplingBackend, images: Tensor, noise: Tensor, cal: Calibration,
+                attention: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Logits (S, B, C), attention or None, and the gate features (S, B, G, D) or None, of one set of passes."""
+    out = sample_in_passes(backend, images, noise, attention=attention, features=cal.needs_features)
+    outs = out if isinstance(out, tuple) else (out,)
+    return outs[0], (outs[1] if attention else None), (outs[-1] if cal.needs_features else None)
+
+
 def _adaptive_logits(backend: SamplingBackend, images: Tensor, noise: Tensor, cal: Calibration,
-                     rule: AdaptiveSampling, attention: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+                     rule: AdaptiveSampling,
+                     attention: bool) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
     """Sample in rounds, dropping settled images. Returns logits (S_max, B, C) with NaN where unused, the
-    attention (S_max, B, depth, N, N) or None, and the samples used per image (B,)."""
+    attention (S_max, B, depth, N, N) or None, the gate features (S_max, B, G, D) or None, and the samples used
+    per image (B,)."""
     b = images.shape[0]
     used = torch.zeros(b, dtype=torch.long)
     active = torch.arange(b)
     logits: Tensor | None = None
     attn: Tensor | None = None
+    feats: Tensor | None = None
     start = 0
     for end in rule.rounds():
         sel = active.to(images.device)
-        out = sample_in_passes(backend, images[sel], noise[start:end][:, sel], attention=attention)
-        part, part_attn = (out if attention else (out, None))
+        part, part_attn, part_feats = _run_passes(backend, images[sel], noise[start:end][:, sel], cal, attention)
         if logits is None:
             logits = part.new_full((rule.max_samples, b, part.shape[-1]), math.nan)
         logits[start:end, sel] = part
@@ -462,16 +644,30 @@ def _adaptive_logits(backend: SamplingBackend, images: Tensor, noise: Tensor, ca
             if attn is None:
                 attn = part_attn.new_zeros((rule.max_samples, b, *part_attn.shape[2:]))
             attn[start:end, sel] = part_attn
+        if part_feats is not None:
+            if feats is None:
+                feats = part_feats.new_zeros((rule.max_samples, b, *part_feats.shape[2:]))
+            feats[start:end, sel] = part_feats
         used[active] = end
         if end == rule.max_samples:
             break
-        done = settled(logits[:end, sel], cal, rule).cpu()
+        done = settled(logits[:end, sel], cal, rule, None if feats is None else feats[:end, sel]).cpu()
         active = active[~done]
         if active.numel() == 0:
             break
         start = end
     assert logits is not None
-    return logits, attn, used
+    return logits, attn, feats, used
+
+
+def _gate_by_count(gate: OodGate, logits: Tensor, feats: Tensor | None, used: Tensor, temperature: float) -> Tensor:
+    """(B,) gate score of each image over its own first ``used[b]`` samples (equal counts scored together)."""
+    out = torch.empty(logits.shape[1], dtype=torch.float64)
+    for n in sorted(set(used.tolist())):
+        idx = (used == n).nonzero().flatten()
+        dev = idx.to(logits.device)
+        out[idx] = gate.image_scores(logits[:n, dev], None if feats is None else feats[:n, dev], temperature)
+    return out
 
 
 def _summarize_by_count(logits: Tensor, used: Tensor, temperature: float) -> UncertaintySummary:
@@ -532,26 +728,28 @@ def predict(backend: SamplingBackend, images: Tensor, *, num_samples: NumSamples
     if num_samples == AUTO:
         rule = adaptive or AdaptiveSampling()
         noise = draw_noise(backend, seeds, rule.max_samples, device=images.device, dtype=images.dtype)
-        logits, attn, used = _adaptive_logits(backend, images, noise, cal, rule, attention)
+        logits, attn, feats, used = _adaptive_logits(backend, images, noise, cal, rule, attention)
         logits = logits[:int(used.max())]
         if attn is not None:
             attn = attn[:int(used.max())]
         summary = _summarize_by_count(logits, used, cal.temperature)
         counts = used.tolist()
+        ood_score = None if cal.ood_gate is None else _gate_by_count(cal.ood_gate, logits, feats, used,
+                                                                      cal.temperature)
     else:
         assert isinstance(num_samples, int)
         noise = draw_noise(backend, seeds, num_samples, device=images.device, dtype=images.dtype)
-        out = sample_in_passes(backend, images, noise, attention=attention)
-        logits, attn = (out if attention else (out, None))
+        logits, attn, feats = _run_passes(backend, images, noise, cal, attention)
         summary = summarize(logits, cal.temperature)
         counts = [num_samples] * images.shape[0]
+        ood_score = None if cal.ood_gate is None else cal.ood_gate.image_scores(logits, feats, cal.temperature)
     sets, used_alpha = None, None
     if cal.conformal_thresholds:
         used_alpha = alpha if alpha is not None else min(float(k) for k in cal.conformal_thresholds)
         sets = prediction_sets(summary.probs, cal.threshold_for(used_alpha), cal.conformal_score)
     elif alpha is not None:
         raise ValueError("this model has no conformal calibration; run `snodevit calibrate` first")
-    accept, reasons = _decide(summary, cal)
+    accept, reasons, codes, flagged = decide_outcomes(summary, cal, ood_score)
     maps = rollout = None
     if attn is not None:
         if num_samples == AUTO:
@@ -560,4 +758,5 @@ def predict(backend: SamplingBackend, images: Tensor, *, num_samples: NumSamples
             rollout = torch.cat([r for _, r in per_image])
         else:
             maps, rollout = attention_maps(attn, pool)
-    return Prediction(summary, logits, seeds, sets, used_alpha, accept, reasons, counts, maps, rollout)
+    return Prediction(summary, logits, seeds, sets, used_alpha, accept, reasons, counts, maps, rollout,
+                      reason_codes=codes, ood_score=ood_score, out_of_distribution=flagged, ood_gate=cal.ood_gate)

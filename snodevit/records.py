@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .inference import Prediction
+from .inference import Prediction, threshold_to_json
 
 
 def prediction_records(pred: Prediction, class_names: list[str], top_k: int = 3) -> list[dict[str, Any]]:
@@ -16,12 +16,14 @@ def prediction_records(pred: Prediction, class_names: list[str], top_k: int = 3)
 
     Keys: label, class_index, confidence (calibrated mean probability of the label), top_k (list of
     {label, class_index, probability}), uncertainty {total, aleatoric, epistemic, std}, prediction_set (labels, or
-    None without conformal calibration), alpha, decision ("accept" | "review"), reason, seed, num_samples (the
-    Monte Carlo samples this image's answer used: the requested S, or with ``num_samples="auto"`` as many as the
-    adaptive rule drew).
+    None without conformal calibration), alpha, decision ("accept" | "review"), reason_code ("accepted" |
+    "low_confidence" | "out_of_distribution": why), reason (the same in words, with the numbers), ood ({score,
+    threshold, out_of_distribution, score_name} of the out-of-distribution gate, or None when the model has none), seed, num_samples (the Monte Carlo samples
+    this image's answer used: the requested S, or with ``num_samples="auto"`` as many as the adaptive rule drew).
     ``std`` is the standard deviation over samples of the predicted class's probability.
     """
     s = pred.summary
+    gate = pred.ood_gate
     k = max(1, min(int(top_k), s.probs.shape[1]))
     top_p, top_i = s.probs.topk(k, dim=-1)
     records = []
@@ -39,7 +41,11 @@ def prediction_records(pred: Prediction, class_names: list[str], top_k: int = 3)
             [class_names[int(i)] for i in pred.prediction_sets[b].nonzero().flatten()],
             "alpha": pred.alpha,
             "decision": "accept" if bool(pred.accept[b]) else "review",
+            "reason_code": pred.reason_codes[b],
             "reason": pred.reasons[b],
+            "ood": None if (gate is None or pred.ood_score is None or pred.out_of_distribution is None) else
+            {"score": float(pred.ood_score[b]), "threshold": threshold_to_json(gate.threshold),
+             "out_of_distribution": bool(pred.out_of_distribution[b]), "score_name": gate.score},
             "seed": pred.seeds[b],
             "num_samples": int(pred.num_samples[b]),  # samples this image used (adaptive: fewer)
         }

@@ -60,11 +60,11 @@ OUTPUT_FORMATS: dict[str, OutputFormat] = {".csv": "csv", ".jsonl": "jsonl", ".p
 #: Columns of every output, in order. ``uncertainty_*`` are the ``uncertainty`` dict of ``prediction_records``.
 ROW_FIELDS: tuple[str, ...] = (
     "path", "label", "class_index", "confidence", "top_k", "uncertainty_total", "uncertainty_aleatoric",
-    "uncertainty_epistemic", "uncertainty_std", "prediction_set", "alpha", "decision", "reason", "seed",
-    "num_samples", "true_label", "error", "error_detail",
+    "uncertainty_epistemic", "uncertainty_std", "prediction_set", "alpha", "decision", "reason_code", "reason",
+    "ood_score", "out_of_distribution", "seed", "num_samples", "true_label", "error", "error_detail",
 )
 PARTIAL_SUFFIX = ".partial"
-_PARTIAL_VERSION = 1
+_PARTIAL_VERSION = 2  # 2: rows carry the out-of-distribution gate (reason_code, ood_score, ...)
 _PROBS_KEY = "_probs"  # internal field of labelled rows in the partial file, dropped from the output
 _CHUNK_ROWS = 8192  # rows per Parquet row group / per conversion chunk
 _GLOB_CHARS = frozenset("*?[")
@@ -348,11 +348,14 @@ def _worker_init(_: int) -> None:
 def record_row(path: str, record: dict[str, Any], true_label: str | None) -> dict[str, Any]:
     """One output row from one ``prediction_records`` dict: the same numbers, ``uncertainty`` flattened."""
     u = record["uncertainty"]
+    ood = record["ood"]
     return {"path": path, "label": record["label"], "class_index": record["class_index"],
             "confidence": record["confidence"], "top_k": record["top_k"], "uncertainty_total": u["total"],
             "uncertainty_aleatoric": u["aleatoric"], "uncertainty_epistemic": u["epistemic"],
             "uncertainty_std": u["std"], "prediction_set": record["prediction_set"], "alpha": record["alpha"],
-            "decision": record["decision"], "reason": record["reason"], "seed": record["seed"],
+            "decision": record["decision"], "reason_code": record["reason_code"], "reason": record["reason"],
+            "ood_score": None if ood is None else ood["score"],
+            "out_of_distribution": None if ood is None else ood["out_of_distribution"], "seed": record["seed"],
             "num_samples": record["num_samples"], "true_label": true_label, "error": None, "error_detail": None}
 
 
@@ -582,7 +585,8 @@ def _parquet_schema() -> Any:
              "top_k": pa.list_(top), "uncertainty_total": pa.float64(), "uncertainty_aleatoric": pa.float64(),
              "uncertainty_epistemic": pa.float64(), "uncertainty_std": pa.float64(),
              "prediction_set": pa.list_(pa.string()), "alpha": pa.float64(), "decision": pa.string(),
-             "reason": pa.string(), "seed": pa.int64(), "num_samples": pa.int64(), "true_label": pa.string(),
+             "reason_code": pa.string(), "reason": pa.string(), "ood_score": pa.float64(),
+             "out_of_distribution": pa.bool_(), "seed": pa.int64(), "num_samples": pa.int64(), "true_label": pa.string(),
              "error": pa.string(), "error_detail": pa.string()}
     return pa.schema([(name, types[name]) for name in ROW_FIELDS])
 
@@ -653,6 +657,7 @@ class ScoreSummary:
     failed: int  # rows with an error
     errors: dict[str, int]  # error code -> rows
     decisions: dict[str, int]  # "accept" / "review" -> rows
+    reasons: dict[str, int]  # reason code (accepted, low_confidence, out_of_distribution) -> rows
     labelled: int  # scored rows with a known true label (the metrics are over these)
     metrics: dict[str, float | int | None] | None  # ``calibration.calibration_summary`` plus set and selective figures
     resumed_rows: int = 0  # rows written by earlier sessions
@@ -669,6 +674,7 @@ class ScoreSummary:
     def to_dict(self) -> dict[str, Any]:
         return {"output": self.output, "format": self.format, "images": self.images, "scored": self.scored,
                 "failed": self.failed, "errors": dict(self.errors), "decisions": dict(self.decisions),
+                "reasons": dict(self.reasons),
                 "labelled": self.labelled, "metrics": self.metrics, "resumed_rows": self.resumed_rows,
                 "new_rows": self.new_rows, "elapsed_s": self.elapsed_s, "images_per_s": self.images_per_s,
                 "settings": self.settings}
@@ -738,6 +744,7 @@ def finalise(plan: OutputPlan, class_names: Sequence[str]) -> ScoreSummary:
     tmp = plan.out.with_name(f".{plan.out.name}.{os.getpid()}.tmp")
     errors: Counter[str] = Counter()
     decisions: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
     rows = scored = 0
     labelled = _LabelledRows(class_names)
     writer = _Writer(tmp, plan.fmt)
@@ -751,6 +758,7 @@ def finalise(plan: OutputPlan, class_names: Sequence[str]) -> ScoreSummary:
             else:
                 scored += 1
                 decisions[row["decision"]] += 1
+                reasons[row["reason_code"]] += 1
                 if _PROBS_KEY in row:
                     labelled.add(row)
             writer.write(row)
@@ -766,6 +774,7 @@ def finalise(plan: OutputPlan, class_names: Sequence[str]) -> ScoreSummary:
     plan.partial.unlink()
     metrics = labelled.metrics() if labelled.count else None
     return ScoreSummary(str(plan.out), plan.fmt, rows, scored, rows - scored, dict(errors), dict(decisions),
+                        dict(reasons),
                         labelled.count, metrics, settings=settings)
 
 

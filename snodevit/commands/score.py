@@ -111,7 +111,8 @@ def _human(summary: Any) -> str:
     if s.errors:
         lines.append("  errors: " + ", ".join(f"{k} {v}" for k, v in sorted(s.errors.items())))
     if s.decisions:
-        lines.append("  decisions: " + ", ".join(f"{k} {v}" for k, v in sorted(s.decisions.items())))
+        lines.append("  decisions: " + ", ".join(f"{k} {v}" for k, v in sorted(s.decisions.items()))
+                     + " (by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(s.reasons.items())) + ")")
     if s.resumed_rows:
         lines.append(f"  resumed: {s.resumed_rows} rows from the earlier run, {s.new_rows} new")
     lines.append(f"  {s.new_rows} images in {s.elapsed_s:.1f} s ({s.images_per_s:.1f} images/s)")
