@@ -75,11 +75,33 @@ SECTION_NOTES: dict[str, str] = {
         "kind the model was trained on? Same figures as for misclassification, with OOD images as the class to "
         "detect: AUROC 0.5 is chance, 1 is perfect; FPR at 95% TPR is the share of normal images flagged when "
         "95% of OOD images are."),
+    "ood_gate": (
+        "Candidate scores for the out-of-distribution gate, side by side. Each is thresholded at the conformal "
+        "novelty threshold of the calibration split (Bates et al. 2023), so it sends about the stated share of "
+        "in-distribution images to review (the 'review test' row shows that share on the test split), and the "
+        "rows show what share of each shifted or out-of-distribution set it sends to review at that price, and "
+        "its AUROC against the test split (1 = perfect separation). feature_density is the sum over layers of "
+        "the class-conditional Mahalanobis distance of the layer's patch tokens pooled by quadrant, each layer "
+        "divided by its training mean; feature_density_last uses the last block's features only; energy is -T logsumexp(z/T); a '|' row flags an image "
+        "when either score flags it, each at half the rate. No set here was used to fit any gate."),
+    "decisions_under_shift": (
+        "What the served decision does on each set: the share accepted automatically, the error rate among "
+        "those, and the shares sent to review because the gate found the image out of distribution or because "
+        "confidence was low. The first row is the in-distribution test split. On shifted digits (rotations, "
+        "another handwriting set, heavy pixel noise) a good decision either accepts few or accepts mostly right "
+        "answers; on far-OOD sets (noise, photographs, blank images, inverted digits, letters) it should accept "
+        "almost nothing."),
     "shift": (
         "The test images are rotated by increasing angles, which moves them away from the training data. "
         "Accuracy is expected to fall; a trustworthy model becomes less confident at the same pace, so its ECE "
         "stays low. A rising ECE means the model is confidently wrong on shifted inputs, which is the failure "
         "this section is looking for."),
+}
+
+#: Headings of sections whose key reads badly as one (the others are headed by their key).
+SECTION_TITLES: dict[str, str] = {
+    "ood_gate": "Out-of-distribution gate: the candidates side by side",
+    "decisions_under_shift": "Decisions under shift",
 }
 
 # Captions for figures, matched by substrings of the figure name (first match wins).
@@ -95,6 +117,13 @@ _FIGURE_NOTES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("confidence",), "How confident the model is across the test set. A calibrated model's mean confidence is close "
                       "to its accuracy."),
     (("uncertainty", "misclassification", "entropy", "epistemic", "mutual_information"), _UNCERTAINTY_NOTE),
+    (("decisions_under_shift_rotation",), "What the served decision does as the test digits are rotated: the "
+                                          "share accepted automatically, the error rate among those (dotted red "
+                                          "line: the 5% goal), the share the out-of-distribution gate sends to "
+                                          "review, and the accuracy over all images for comparison."),
+    (("decisions_under_shift_sets",), "The share of each shifted or out-of-distribution set sent to review, by "
+                                      "reason (the gate or low confidence); 'err' is the error rate among the "
+                                      "images still accepted. Dotted line: the 99% goal for far-OOD sets."),
     (("shift", "rotation"), "Accuracy and calibration error as the rotation angle grows."),
 )
 
@@ -180,6 +209,11 @@ def _table(value: Any) -> str:
         if all(isinstance(s, dict) and s and all(_is_scalar(x) for x in s.values()) for s in subs) and len(subs) > 1:
             cols = list(value)
             rows = list(dict.fromkeys(k for s in subs for k in s))
+            if len(cols) > len(rows):  # many entries of few figures (e.g. one per image set): one row per entry
+                head = "".join(f"<th>{html.escape(r)}</th>" for r in rows)
+                body = "".join(f"<tr><th>{html.escape(c)}</th>" + "".join(f"<td>{_fmt(value[c].get(r))}</td>"
+                                                                         for r in rows) + "</tr>" for c in cols)
+                return f"<table><tr><th></th>{head}</tr>{body}</table>"
             head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
             body = "".join(
                 f"<tr><th>{html.escape(r)}</th>" + "".join(f"<td>{_fmt(value[c].get(r))}</td>" for c in cols) + "</tr>"
@@ -231,7 +265,8 @@ def _render(title: str, metrics: dict[str, Any], figures: Mapping[str, bytes], i
     sections = []
     for key, value in metrics.items():
         note = SECTION_NOTES.get(key)
-        parts = [f'<section id="{html.escape(key, quote=True)}"><h2>{html.escape(key)}</h2>']
+        heading = SECTION_TITLES.get(key, key)
+        parts = [f'<section id="{html.escape(key, quote=True)}"><h2>{html.escape(heading)}</h2>']
         if note:
             parts.append(f'<p class="note">{html.escape(note)}</p>')
         parts.append(_table(value))

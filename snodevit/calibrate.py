@@ -47,11 +47,13 @@ import calibration as cal
 from calibration.conformal import conformal_quantile_index
 from calibration.report import to_jsonable
 
-from .commands.evaluate import collect
-from .data import DIGIT_CLASSES, DatasetBundle, ImageTensorDataset, load_dataset
-from .inference import Calibration, UncertaintySummary, summarize
+from .data import DIGIT_CLASSES, DatasetBundle, load_dataset
+from .images import normalize, resize_tensor
+from .inference import (GATE_SCORES, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Calibration, OodGate, UncertaintySummary,
+                        decide_outcomes, draw_noise, sample_in_passes, summarize)
 from .loading import LoadedModel
-from .shift import ROTATION_ANGLES, photo_crops, rotate_images, uniform_noise_images
+from .shift import (PIXEL_NOISE_STD, ROTATION_ANGLES, constant_images, inverted_images, letter_images, photo_crops,
+                    pixel_noise_images, rotate_images, uniform_noise_images)
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +66,26 @@ CONFORMAL_SCORES: tuple[str, ...] = get_args(ConformalScore)
 UNCERTAINTY_SCORES: tuple[str, ...] = ("max_probability", "entropy", "mutual_information", "aleatoric")
 OOD_SCORES: tuple[str, ...] = ("max_probability", "entropy", "mutual_information")
 OOD_SETS: tuple[str, ...] = ("uniform_noise", "photo_crops")
+#: Far-OOD sets of the gate's "decisions under shift" section: nothing here is a digit the model should label.
+#: Inverted digits (dark ink on white) count as far-OOD: the model was never shown that contrast.
+FAR_OOD_SETS: tuple[str, ...] = ("uniform_noise", "photo_crops", "constant", "inverted_digits", "letters")
+#: Gate candidates compared in the report (larger = more unusual). The first three can be served (GATE_SCORES);
+#: "feature_density_last" is the Mahalanobis score of the last block's features only (one layer, as Lee et al.'s
+#: plain variant), "max_probability" is 1 - confidence, and "feature_density|mutual_information" flags an image
+#: when either of the two flags it, each fitted at half the review rate (so the union keeps the stated rate).
+GATE_CANDIDATES: tuple[str, ...] = ("feature_density", "energy", "mutual_information", "feature_density_last",
+                                    "max_probability", "feature_density|mutual_information")
 #: The targets of the calibration issue, checked in the report's "goals" section.
 GOAL_ECE = 0.01
 GOAL_COVERAGE_SLACK = 0.02
+#: The targets of the out-of-distribution gate issue: accuracy, in-distribution accepted share and error among
+#: accepted, far-OOD share sent to review, and error among accepted on shifted digits.
+GOAL_ACCURACY = 0.98
+GOAL_ACCEPTED = 0.97
+GOAL_ID_ERROR = 0.01
+GOAL_FAR_OOD_REVIEW = 0.99
+GOAL_FAR_OOD_SETS: tuple[str, ...] = ("uniform_noise", "photo_crops", "constant", "inverted_digits")
+GOAL_SHIFT_ERROR = 0.05
 _ROUNDING = 1e-9  # 1.0 - 0.98 is 0.020000000000000018 in floats: a value on the boundary meets the goal
 
 __all__ = ["CONFORMAL_SCORES", "DECISION_SCORES", "CalibrateConfig", "CalibrationResult", "calibrate_model",
@@ -79,7 +98,7 @@ class CalibrateConfig:
 
     num_samples: int = 32  # S Monte Carlo samples per image, in every pass
     alphas: tuple[float, ...] = (0.05, 0.1)  # miscoverage levels of the conformal sets, each in (0, 1)
-    target_risk: float = 0.02  # error rate among automatically accepted images the decision threshold aims at
+    target_risk: float = 0.01  # error rate among automatically accepted images the decision threshold aims at
     decision_score: DecisionScore = "confidence"  # the score the accept/review rule thresholds
     # Non-conformity score of the prediction sets. LAC (1 - p_y; Sadinle et al. 2019) gives the smallest sets and
     # near-exact coverage; deterministic APS over-covers a confident model badly (the demo model: 100 % coverage
@@ -90,11 +109,20 @@ class CalibrateConfig:
     n_bins: int = 15  # equal-width bins of ECE, MCE, class-wise ECE and the reliability diagram
     max_images: int | None = None  # cap on the images of every split and shifted set; None: all of them
     angles: tuple[float, ...] = ROTATION_ANGLES  # rotation angles of the shift sweep, degrees
-    num_ood: int = 500  # images in each far-OOD set (uniform noise, photo crops)
+    num_ood: int = 500  # images in each far-OOD set (uniform noise, photo crops, constant images, letters)
+    gate_score: str = "feature_density"  # the out-of-distribution gate's score (GATE_SCORES); "none": no gate
+    gate_review_rate: float = 0.01  # share of in-distribution images the gate may send to review
+    max_train_images: int | None = 4000  # training images whose features fit the gate's density; None: all
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "batch_size", "n_bins", "num_ood"):
             _check_int(getattr(self, name), name, 1)
+        if self.max_train_images is not None:
+            _check_int(self.max_train_images, "max_train_images", 2)
+        if self.gate_score not in (*GATE_SCORES, "none"):
+            raise ValueError(f"gate_score must be one of {[*GATE_SCORES, 'none']}, got {self.gate_score!r}")
+        if not 0.0 < float(self.gate_review_rate) < 1.0:
+            raise ValueError(f"gate_review_rate must be in (0, 1), got {self.gate_review_rate}")
         _check_int(self.seed, "seed", 0)
         if self.max_images is not None:
             _check_int(self.max_images, "max_images", 1)
@@ -116,7 +144,8 @@ class CalibrateConfig:
 
 def quick_config(**overrides: Any) -> CalibrateConfig:
     """A small run for tests and smoke checks: S=4, at most 200 images per set, 3 angles, 64 OOD images per set."""
-    base: dict[str, Any] = dict(num_samples=4, max_images=200, angles=(0.0, 90.0, 180.0), num_ood=64)
+    base: dict[str, Any] = dict(num_samples=4, max_images=200, angles=(0.0, 90.0, 180.0), num_ood=64,
+                                max_train_images=600)
     return CalibrateConfig(**{**base, **overrides})
 
 
@@ -137,14 +166,17 @@ class CalibrationResult:
 
 @dataclass
 class _Pass:
-    """One pass over an image set: raw logits and, once T is known, the served summary."""
+    """One pass over an image set: raw logits, the density gate scores and, once T is known, the served summary."""
 
     logits: Tensor  # (S, N, C) raw Monte Carlo logits
     labels: Tensor  # (N,) int64 (zeros for OOD sets)
+    density: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # candidate -> (N,) mean over samples
     summary: UncertaintySummary | None = None
+    temperature: float | None = None
 
     def scale(self, temperature: float) -> _Pass:
         self.summary = summarize(self.logits, temperature)
+        self.temperature = temperature
         return self
 
     @property
@@ -157,28 +189,64 @@ class _Pass:
     def correct(self) -> Tensor:
         return self.s.prediction == self.labels
 
+    def gate_score(self, name: str) -> Tensor:
+        """(N,) float64 score of a single gate candidate (not a union), as ``OodGate`` computes it when served."""
+        if name in self.density:
+            return self.density[name]
+        if name == "energy":
+            assert self.temperature is not None
+            t = self.temperature
+            return (-t * torch.logsumexp(self.logits.double() / t, dim=-1)).mean(dim=0)
+        if name == "mutual_information":
+            return self.s.epistemic.double()
+        if name == "max_probability":
+            return 1.0 - self.s.confidence.double()
+        raise KeyError(name)
+
 
 class _Runner:
-    """Runs the model over uint8 image sets with one progress bar over every image of every pass."""
+    """Runs the model over uint8 image sets with one progress bar over every image of every pass.
+
+    Image i of a pass is seeded with ``cfg.seed + i`` and batched by ``cfg.batch_size``, as `snodevit evaluate`
+    and `snodevit score` seed and batch, through the same ``draw_noise`` and ``sample_in_passes`` as ``predict``:
+    the logits and gate scores are the ones the service answers for these images.
+    """
 
     def __init__(self, loaded: LoadedModel, cfg: CalibrateConfig, total: int, progress: bool) -> None:
-        # identity calibration: collect() then returns the raw logits whatever the model already stores
-        self.loaded = dataclasses.replace(loaded, calibration=Calibration())
+        self.loaded = loaded
         self.cfg = cfg
+        self.densities: dict[str, tuple[cal.FeatureDensity, slice]] = {}  # candidate -> density, feature groups
         self.bar = tqdm(total=total, desc="calibrate", unit="img", disable=not progress, dynamic_ncols=True)
 
-    def run(self, name: str, images: Tensor, labels: Tensor) -> _Pass:
-        """Raw logits of ``images`` (uint8 (N, C, H, W)), image i seeded with ``cfg.seed + i``."""
-        dataset = ImageTensorDataset(images, labels, self.loaded.preprocessing)
+    def _batches(self, name: str, images: Tensor, num_samples: int, features: bool):
         self.bar.set_description(f"calibrate [{name}]")
-        chunks = []
         bs = self.cfg.batch_size
-        for start in range(0, len(dataset), bs):  # one collect() per batch so the bar moves within a pass
-            part = Subset(dataset, range(start, min(start + bs, len(dataset))))
-            chunks.append(collect(self.loaded, part, self.cfg.num_samples, self.cfg.seed + start, bs,
-                                  progress=False)["logits"])
-            self.bar.update(len(part))
-        return _Pass(torch.cat(chunks, dim=1), labels.to(torch.int64))  # (S, N, C)
+        backend = self.loaded.backend
+        for start in range(0, len(images), bs):
+            prep = self.loaded.preprocessing
+            x = normalize(resize_tensor(images[start:start + bs], prep), prep).to(self.loaded.device)
+            seeds = list(range(self.cfg.seed + start, self.cfg.seed + start + len(x)))
+            noise = draw_noise(backend, seeds, num_samples, device=x.device, dtype=x.dtype)
+            with torch.no_grad():
+                out = sample_in_passes(backend, x, noise, features=features)
+            self.bar.update(len(x))
+            yield out if isinstance(out, tuple) else (out,)
+
+    def train_features(self, images: Tensor) -> Tensor:
+        """(N, G, D) pooled features of one sample per training image, for fitting the density."""
+        feats = [out[-1][0].double().cpu() for out in self._batches("training features", images, 1, True)]
+        return torch.cat(feats)
+
+    def run(self, name: str, images: Tensor, labels: Tensor) -> _Pass:
+        """Raw logits of ``images`` (uint8 (N, C, H, W)) and the mean per-sample score of every fitted density."""
+        logits, density = [], {k: [] for k in self.densities}
+        for out in self._batches(name, images, self.cfg.num_samples, bool(self.densities)):
+            logits.append(out[0].cpu())
+            for key, (fd, groups) in self.densities.items():
+                # as OodGate.image_scores: the density of the mean feature over the samples
+                density[key].append(fd.score(out[-1][:, :, groups].cpu().double().mean(dim=0)))  # (B,)
+        return _Pass(torch.cat(logits, dim=1), labels.to(torch.int64),
+                     {k: torch.cat(v) for k, v in density.items()})  # (S, N, C)
 
     def close(self) -> None:
         self.bar.close()
@@ -352,36 +420,64 @@ class _Passes:
     test: _Pass
     rotated: dict[float, _Pass]  # angle (degrees, not a multiple of 360) -> the rotated test split
     digits: _Pass | None  # scikit-learn's digits, for digit models only
-    ood: dict[str, _Pass]  # OOD set name -> its pass (labels are placeholders)
+    pixel_noise: _Pass  # the test split under heavy pixel noise (labelled)
+    ood: dict[str, _Pass]  # far-OOD set name -> its pass (labels are placeholders, but for inverted digits)
 
 
-def _run_passes(loaded: LoadedModel, bundle: DatasetBundle, cfg: CalibrateConfig, progress: bool) -> _Passes:
-    """Check the inputs, then run the model over every image set."""
+def _fit_densities(runner: _Runner, loaded: LoadedModel, train: Tensor, train_labels: Tensor) -> None:
+    """Fit the gate's densities on training features: every layer's, and the last block's alone."""
+    feats = runner.train_features(train)  # (N, G, D)
+    groups = loaded.cfg.num_gate_features
+    c = loaded.cfg.num_classes
+    # rounded to float32 as meta.json keeps it, so every score measured here is the one served
+    runner.densities["feature_density"] = (cal.fit_feature_density(feats, train_labels, c).rounded(),
+                                           slice(0, groups))
+    last = slice(groups - 1, groups)
+    runner.densities["feature_density_last"] = (cal.fit_feature_density(feats[:, last], train_labels, c).rounded(),
+                                                last)
+
+
+def _run_passes(loaded: LoadedModel, bundle: DatasetBundle, cfg: CalibrateConfig,
+                progress: bool) -> tuple[_Passes, cal.FeatureDensity]:
+    """Check the inputs, fit the feature densities on the training split, then run the model over every image set.
+
+    Returns:
+        The passes and the density of every feature group (what a ``feature_density`` gate serves).
+    """
     prep = loaded.preprocessing
     cal_images, cal_labels = _cap(*bundle.raw("calibration"), cfg.max_images)
     test_images, test_labels = _cap(*bundle.raw("test"), cfg.max_images)
+    train_images, train_labels = _cap(*bundle.raw("train"), cfg.max_train_images)
     _check_inputs(loaded, bundle, cfg, len(cal_labels))
     digits = _cap(*load_dataset("digits").raw("all"), cfg.max_images) if _is_digit_model(loaded) else None
     angles = [a for a in cfg.angles if a % 360.0 != 0.0]  # 0 degrees is the test pass itself
-    total = (len(cal_labels) + len(test_labels) * (1 + len(angles)) + (0 if digits is None else len(digits[1]))
-             + cfg.num_ood * len(OOD_SETS))
+    total = (len(train_labels) + len(cal_labels) + len(test_labels) * (3 + len(angles))
+             + (0 if digits is None else len(digits[1])) + cfg.num_ood * (len(FAR_OOD_SETS) - 1))
     runner = _Runner(loaded, cfg, total, progress)
     try:
+        _fit_densities(runner, loaded, train_images, train_labels)
         no_label = torch.zeros(cfg.num_ood, dtype=torch.int64)
-        return _Passes(
+        passes = _Passes(
             calibration=runner.run("calibration split", cal_images, cal_labels),
             test=runner.run("test split", test_images, test_labels),
             rotated={a: runner.run(f"rotated {a:g} deg", rotate_images(test_images, a), test_labels) for a in angles},
             digits=None if digits is None else runner.run("digits", *digits),
+            pixel_noise=runner.run("pixel noise", pixel_noise_images(test_images, seed=cfg.seed), test_labels),
             ood={"uniform_noise": runner.run("uniform noise", uniform_noise_images(cfg.num_ood, prep, cfg.seed),
                                              no_label),
-                 "photo_crops": runner.run("photo crops", photo_crops(cfg.num_ood, prep, cfg.seed), no_label)})
+                 "photo_crops": runner.run("photo crops", photo_crops(cfg.num_ood, prep, cfg.seed), no_label),
+                 "constant": runner.run("constant images", constant_images(cfg.num_ood, prep), no_label),
+                 "inverted_digits": runner.run("inverted digits", inverted_images(test_images), test_labels),
+                 "letters": runner.run("letters", letter_images(cfg.num_ood, prep, cfg.seed), no_label)})
     finally:
         runner.close()
+    return passes, runner.densities["feature_density"][0]
 
 
-def _fit(p: _Pass, cfg: CalibrateConfig) -> tuple[Calibration, cal.SelectiveThreshold]:
-    """Temperature, then conformal and accept/review thresholds on the scaled calibration split (scales ``p``)."""
+def _fit(p: _Pass, cfg: CalibrateConfig,
+         density: cal.FeatureDensity) -> tuple[Calibration, cal.SelectiveThreshold]:
+    """Temperature, then conformal and accept/review thresholds and the OOD gate on the scaled calibration split
+    (scales ``p``)."""
     temperature = cal.fit_temperature(p.logits, p.labels)
     p.scale(temperature)
     thresholds = {str(a): cal.fit_conformal_threshold(p.s.probs, p.labels, a, cfg.conformal_score)
@@ -392,10 +488,85 @@ def _fit(p: _Pass, cfg: CalibrateConfig) -> tuple[Calibration, cal.SelectiveThre
     if rule.coverage == 0.0:
         logger.warning("no %s threshold keeps the calibration error rate at %.1f%%: every image will be sent to "
                        "review", cfg.decision_score, 100 * cfg.target_risk)
+    gate = None
+    if cfg.gate_score != "none":
+        gate_threshold = cal.fit_novelty_threshold(p.gate_score(cfg.gate_score), cfg.gate_review_rate)
+        if math.isinf(gate_threshold):
+            logger.warning("the calibration split (%d images) is too small for a %.2f%% review rate: the "
+                           "out-of-distribution gate will never fire", len(p.labels), 100 * cfg.gate_review_rate)
+        gate = OodGate(score=cfg.gate_score, threshold=gate_threshold,  # type: ignore[arg-type]
+                       review_rate=cfg.gate_review_rate,
+                       density=density if cfg.gate_score == "feature_density" else None,
+                       calibration_images=len(p.labels))
     fitted = Calibration(temperature=temperature, conformal_score=cfg.conformal_score,
                          conformal_thresholds=thresholds, decision_score=cfg.decision_score,
-                         decision_threshold=rule.threshold, target_risk=cfg.target_risk)
+                         decision_threshold=rule.threshold, target_risk=cfg.target_risk, ood_gate=gate)
     return fitted, rule
+
+
+def _named_sets(passes: _Passes) -> dict[str, _Pass]:
+    """Every evaluated set by display name: test, rotations, digits, pixel noise, then the far-OOD sets."""
+    out = {"test": passes.test}
+    out |= {f"rotated {a:g}": p for a, p in sorted(passes.rotated.items())}
+    if passes.digits is not None:
+        out["sklearn digits"] = passes.digits
+    out["pixel noise"] = passes.pixel_noise
+    return out | dict(passes.ood)
+
+
+def _labelled(name: str) -> bool:
+    return name not in FAR_OOD_SETS or name == "inverted_digits"
+
+
+def _candidate_flags(cal_pass: _Pass, p: _Pass, name: str, rate: float) -> Tensor:
+    """(N,) bool: which images of ``p`` a gate candidate, fitted on the calibration split at ``rate``, flags."""
+    if "|" in name:  # a union of two scores, each at half the rate, so the union keeps the rate (Bonferroni)
+        flags = [_candidate_flags(cal_pass, p, part, rate / 2) for part in name.split("|")]
+        return flags[0] | flags[1]
+    return p.gate_score(name) > cal.fit_novelty_threshold(cal_pass.gate_score(name), rate)
+
+
+def _gate_section(passes: _Passes, cfg: CalibrateConfig) -> dict[str, dict[str, float | None]]:
+    """Every gate candidate side by side: the share of each set it sends to review at the stated in-distribution
+    review rate, and its AUROC against the test split (larger scores = more unusual)."""
+    sets = _named_sets(passes)
+    out: dict[str, dict[str, float | None]] = {}
+    for name in GATE_CANDIDATES:
+        row: dict[str, float | None] = {}
+        for set_name, p in sets.items():
+            row[f"review {set_name}"] = float(_candidate_flags(passes.calibration, p, name,
+                                                               cfg.gate_review_rate).double().mean())
+        for set_name, p in sets.items():
+            if set_name != "test":
+                row[f"AUROC {set_name}"] = (None if "|" in name else cal.ood_detection(
+                    passes.test.gate_score(name), p.gate_score(name))["auroc"])
+        out[name] = row
+    return out
+
+
+def _decision_rows(passes: _Passes, fitted: Calibration) -> dict[str, dict[str, float | None]]:
+    """What the served decision does on every set: accepted share, error among accepted, review shares by reason,
+    and the served gate's AUROC against the test split."""
+    gate = fitted.ood_gate
+    out: dict[str, dict[str, float | None]] = {}
+    for name, p in _named_sets(passes).items():
+        score = None if gate is None else p.gate_score(gate.score)
+        accept, _, codes, _ = decide_outcomes(p.s, fitted, score)
+        n = len(codes)
+        accepted = int(accept.sum())
+        row: dict[str, float | None] = {"images": float(n), "accuracy": None, "accepted": accepted / n,
+                                        "error_among_accepted": None,
+                                        "review_out_of_distribution": codes.count(OUT_OF_DISTRIBUTION) / n,
+                                        "review_low_confidence": codes.count(LOW_CONFIDENCE) / n,
+                                        "gate_auroc": None}
+        if _labelled(name):
+            row["accuracy"] = float(p.correct.double().mean())
+            if accepted:
+                row["error_among_accepted"] = float((~p.correct[accept]).double().mean())
+        if gate is not None and name != "test":
+            row["gate_auroc"] = cal.ood_detection(passes.test.gate_score(gate.score), score)["auroc"]
+        out[name] = row
+    return out
 
 
 def _test_sections(cal_pass: _Pass, test: _Pass, test_one: _Pass, fitted: Calibration,
@@ -483,6 +654,29 @@ def _goals(m: Mapping[str, Any], cfg: CalibrateConfig) -> dict[str, dict[str, An
                 f"none is empty, and cover {row['coverage']:.3f} (>= top-1 accuracy {row['top1_accuracy']:.3f})")
         goals[f"coverage alpha={a:g}"] = {"goal": f"{1 - a:g} ± {GOAL_COVERAGE_SLACK:g}", "measured": c,
                                           "met": abs(c - (1 - a)) <= GOAL_COVERAGE_SLACK + _ROUNDING, "note": note}
+    goals["test accuracy"] = {"goal": f">= {GOAL_ACCURACY:g}", "measured": after["accuracy"],
+                              "met": after["accuracy"] >= GOAL_ACCURACY - _ROUNDING, "note": ""}
+    rows = m.get("decisions_under_shift")
+    if not rows:  # no decision rows (a caller that measured only the calibration): no decision goals
+        return goals
+    test = rows["test"]
+    goals["test: accepted"] = {"goal": f">= {GOAL_ACCEPTED:g}", "measured": test["accepted"],
+                               "met": test["accepted"] >= GOAL_ACCEPTED - _ROUNDING, "note": ""}
+    err = test["error_among_accepted"]
+    goals["test: error among accepted"] = {"goal": f"<= {GOAL_ID_ERROR:g}", "measured": err,
+                                           "met": err is not None and err <= GOAL_ID_ERROR + _ROUNDING, "note": ""}
+    for name in GOAL_FAR_OOD_SETS:
+        review = 1.0 - rows[name]["accepted"]
+        goals[f"{name}: sent to review"] = {"goal": f">= {GOAL_FAR_OOD_REVIEW:g}", "measured": review,
+                                            "met": review >= GOAL_FAR_OOD_REVIEW - _ROUNDING,
+                                            "note": f"{rows[name]['review_out_of_distribution']:.3f} by the gate"}
+    for name, row in rows.items():
+        if name.startswith("rotated") or name in ("sklearn digits", "pixel noise"):
+            err = row["error_among_accepted"]
+            goals[f"{name}: error among accepted"] = {
+                "goal": f"<= {GOAL_SHIFT_ERROR:g}", "measured": err,
+                "met": err is None or err <= GOAL_SHIFT_ERROR + _ROUNDING,
+                "note": f"{row['accepted']:.3f} accepted (none accepted counts as met)"}
     return goals
 
 
@@ -506,15 +700,18 @@ def calibrate_model(loaded: LoadedModel, bundle: DatasetBundle, cfg: CalibrateCo
     """
     cfg = cfg or CalibrateConfig()
     started = time.perf_counter()
-    passes = _run_passes(loaded, bundle, cfg, progress)
+    passes, density = _run_passes(loaded, bundle, cfg, progress)
     inference_seconds = time.perf_counter() - started
 
-    fitted, rule = _fit(passes.calibration, cfg)
+    fitted, rule = _fit(passes.calibration, cfg, density)
     test_one = _Pass(passes.test.logits, passes.test.labels).scale(1.0)
     passes.test.scale(fitted.temperature)
+    passes.pixel_noise.scale(fitted.temperature)
     sections = _test_sections(passes.calibration, passes.test, test_one, fitted, rule, cfg)
     sections |= _shift_sections(passes, test_one, fitted, rule, cfg, bundle.name)
     sections["ood"] = _ood_section(passes, fitted.temperature)
+    sections["ood_gate"] = _gate_section(passes, cfg)
+    sections["decisions_under_shift"] = _decision_rows(passes, fitted)
     setup = {
         "model": loaded.source, "weights_sha256": loaded.weights_sha256, "data": bundle.spec,
         "calibration_images": len(passes.calibration.labels), "test_images": len(passes.test.labels),
@@ -523,6 +720,9 @@ def calibrate_model(loaded: LoadedModel, bundle: DatasetBundle, cfg: CalibrateCo
         "ood_images_per_set": cfg.num_ood, "num_samples": cfg.num_samples, "seed": cfg.seed, "n_bins": cfg.n_bins,
         "alphas": list(cfg.alphas), "conformal_score": cfg.conformal_score, "decision_score": cfg.decision_score,
         "target_risk": cfg.target_risk, "rotation_angles": list(cfg.angles), "max_images": cfg.max_images,
+        "gate_score": cfg.gate_score, "gate_review_rate": cfg.gate_review_rate,
+        "gate_training_images": min(len(bundle.train), cfg.max_train_images or len(bundle.train)),
+        "pixel_noise_std": PIXEL_NOISE_STD,
         "inference_seconds": inference_seconds, "seconds": time.perf_counter() - started}
     metrics = {"goals": _goals(sections, cfg), **sections, "setup": setup}
     pngs = _figures(passes, test_one, metrics, cfg) if figures else {}
@@ -553,6 +753,9 @@ def _headline(fitted: Calibration, m: Mapping[str, Any], bundle: DatasetBundle, 
     for score in OOD_SCORES:
         head[f"ood_auroc_{score}"] = {s: m["ood"][f"{s}/{score}"]["auroc"] for s in OOD_SETS}
     head["rotation_accuracy"] = {f"{a:g}": acc for a, acc in zip(m["shift"]["angle"], m["shift"]["accuracy"])}
+    head["ood_gate"] = None if fitted.ood_gate is None else fitted.ood_gate.summary()
+    head["decisions"] = {name: {k: row[k] for k in ("accepted", "error_among_accepted", "review_out_of_distribution")}
+                         for name, row in m["decisions_under_shift"].items()}
     head["seconds"] = m["setup"]["seconds"]
     return to_jsonable(head)
 
@@ -587,6 +790,53 @@ def _figures(passes: _Passes, test_one: _Pass, m: Mapping[str, Any], cfg: Calibr
     scores |= {name: {s: _uncertainty(p.s, s) for s in OOD_SCORES} for name, p in passes.ood.items()}
     auroc = {name: {s: m["ood"][f"{name}/{s}"]["auroc"] for s in OOD_SCORES} for name in passes.ood}
     out["ood_scores"] = _ood_figure(scores, auroc)
+    out |= _decision_figures(m["decisions_under_shift"])
+    return out
+
+
+def _decision_figures(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, bytes]:
+    """Accepted share and error among accepted against rotation angle; one bar per far-OOD and shifted set
+    (values read from the ``decisions_under_shift`` rows)."""
+    from matplotlib.figure import Figure
+
+    angles = [0.0] + [float(k.split()[1]) for k in rows if k.startswith("rotated ")]
+    keys = ["test"] + [k for k in rows if k.startswith("rotated ")]
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.subplots()
+    nan = float("nan")
+    ax.plot(angles, [rows[k]["accepted"] for k in keys], "o-", color="#4c72b0", label="accepted")
+    ax.plot(angles, [nan if rows[k]["error_among_accepted"] is None else rows[k]["error_among_accepted"]
+                     for k in keys], "s-", color="#d62728", label="error among accepted")
+    ax.plot(angles, [rows[k]["review_out_of_distribution"] for k in keys], "^--", color="#2ca02c",
+            label="sent to review: out of distribution")
+    ax.plot(angles, [rows[k]["accuracy"] for k in keys], ":", color="#7f7f7f", label="accuracy")
+    ax.axhline(GOAL_SHIFT_ERROR, color="#d62728", lw=0.8, ls=":")
+    ax.set_xlabel("rotation of the test digits (degrees)")
+    ax.set_ylabel("share of images")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("decisions under rotation", fontsize=10)
+    ax.legend(fontsize=7)
+    out = {"decisions_under_shift_rotation": _png(fig)}
+
+    names = [k for k in rows if not k.startswith("rotated ") and k != "test"]
+    fig = Figure(figsize=(max(6.4, 1.0 * len(names)), 3.8))
+    ax = fig.subplots()
+    x = list(range(len(names)))
+    ood = [rows[k]["review_out_of_distribution"] for k in names]
+    low = [rows[k]["review_low_confidence"] for k in names]
+    ax.bar(x, ood, color="#2ca02c", label="review: out of distribution")
+    ax.bar(x, low, bottom=ood, color="#ff7f0e", label="review: low confidence")
+    for i, k in enumerate(names):
+        err = rows[k]["error_among_accepted"]
+        if err is not None and rows[k]["accepted"] > 0:
+            ax.text(i, min(1.0, ood[i] + low[i]) + 0.02, f"err {err:.0%}", ha="center", fontsize=7)
+    ax.axhline(GOAL_FAR_OOD_REVIEW, color="#444", lw=0.8, ls=":")
+    ax.set_xticks(x, [k.replace("_", " ") for k in names], rotation=20, fontsize=8)
+    ax.set_ylabel("share sent to review")
+    ax.set_ylim(0, 1.1)
+    ax.set_title("decisions on shifted and out-of-distribution sets (err: error among accepted)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    out["decisions_under_shift_sets"] = _png(fig)
     return out
 
 

@@ -8,6 +8,13 @@ image (:class:`snodevit.data.ImageTensorDataset` -> :func:`snodevit.images.norma
 * :func:`uniform_noise_images`: every pixel drawn uniformly from 0..255, a far-OOD input.
 * :func:`photo_crops`: grayscale (or RGB) crops of scikit-learn's two sample photographs, resized to the model's
   input size, a far-OOD input with natural-image structure.
+* :func:`inverted_images`: dark strokes on white, as a scan or a photo of ink on paper shows a digit.
+* :func:`pixel_noise_images`: the test images under heavy Gaussian pixel noise (a shifted, still labelled set).
+* :func:`constant_images`: blank images of one grey level (what a 1x1 PNG becomes after the resize).
+* :func:`letter_images`: printed Latin letters drawn like MNIST digits.
+
+None of these is used in training: the out-of-distribution gate is fitted on training features and
+in-distribution calibration images only, so every set here is held out.
 
 References:
     Ovadia et al. "Can You Trust Your Model's Uncertainty? Evaluating Predictive Uncertainty Under Dataset
@@ -28,6 +35,8 @@ from .images import Preprocessing, resize_tensor
 ROTATION_ANGLES: tuple[float, ...] = tuple(float(a) for a in range(0, 181, 15))
 #: Side range (pixels, in the 427x640 photographs) of the square photo crops before resizing.
 CROP_SIDES: tuple[int, int] = (28, 192)
+#: Standard deviation, in grey levels, of the "heavy pixel noise" shift (:func:`pixel_noise_images`).
+PIXEL_NOISE_STD: float = 100.0
 
 
 def _check_uint8(images: torch.Tensor) -> None:
@@ -121,3 +130,64 @@ def photo_crops(n: int, prep: Preprocessing, seed: int = 0) -> torch.Tensor:
         left = int(torch.randint(width - side + 1, (1,), generator=gen))
         crops.append(resize_tensor(photo[:, top:top + side, left:left + side].contiguous(), prep))  # (C, S, S)
     return torch.stack(crops)  # (n, C, S, S)
+
+
+def inverted_images(images: torch.Tensor) -> torch.Tensor:
+    """Dark strokes on a light background (255 - x): a digit as a scan or a photo of ink on paper shows it."""
+    _check_uint8(images)
+    return 255 - images
+
+
+def pixel_noise_images(images: torch.Tensor, std: float = PIXEL_NOISE_STD, seed: int = 0) -> torch.Tensor:
+    """Images under heavy additive Gaussian pixel noise of ``std`` grey levels (0..255 scale), clipped to 0..255.
+
+    Args:
+        images: uint8 (N, C, H, W).
+        std: noise standard deviation in grey levels, > 0.
+        seed: seed of the generator; the same seed gives the same noise.
+    """
+    _check_uint8(images)
+    if not (math.isfinite(std) and std > 0):
+        raise ValueError(f"std must be a finite number > 0, got {std}")
+    gen = torch.Generator().manual_seed(seed)
+    noisy = images.float() + std * torch.randn(images.shape, generator=gen)
+    return noisy.round().clamp(0, 255).to(torch.uint8)
+
+
+def constant_images(n: int, prep: Preprocessing) -> torch.Tensor:
+    """``n`` blank images, each one grey level, spread evenly over 0..255 (0 and 255 included when n >= 2).
+
+    A 1x1 PNG of any colour becomes one of these after the served resize.
+    """
+    _check_count(n)
+    levels = torch.linspace(0, 255, n).round().to(torch.uint8)
+    return levels.view(n, 1, 1, 1).expand(n, prep.channels, prep.image_size, prep.image_size).contiguous()
+
+
+def letter_images(n: int, prep: Preprocessing, seed: int = 0) -> torch.Tensor:
+    """``n`` Latin letters (a-z, A-Z) drawn white on black like MNIST digits, with random size, position and tilt.
+
+    Drawn with Pillow's built-in scalable font (``ImageFont.load_default(size)``): a printed, not handwritten,
+    alphabet, so they are out of distribution by class and by style.
+    """
+    import string
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    _check_count(n)
+    gen = torch.Generator().manual_seed(seed)
+    letters = string.ascii_letters
+    side = prep.image_size
+    out = []
+    for _ in range(n):
+        ch = letters[int(torch.randint(len(letters), (1,), generator=gen))]
+        size = int(torch.randint(int(0.6 * side), int(0.85 * side) + 1, (1,), generator=gen))
+        dx, dy = (int(v) for v in torch.randint(-side // 14, side // 14 + 1, (2,), generator=gen))
+        tilt = float(torch.empty(1).uniform_(-15.0, 15.0, generator=gen))
+        image = Image.new("L", (side, side), 0)
+        ImageDraw.Draw(image).text((side / 2 + dx, side / 2 + dy), ch, fill=255,
+                                   font=ImageFont.load_default(size=size), anchor="mm")
+        image = image.rotate(tilt, resample=Image.Resampling.BILINEAR)
+        gray = TF.pil_to_tensor(image)  # (1, S, S)
+        out.append(gray.expand(prep.channels, side, side))
+    return torch.stack(out).contiguous()  # (n, C, S, S)

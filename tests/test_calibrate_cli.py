@@ -33,10 +33,11 @@ TINY = dict(dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=
 QUICK_IMAGES, QUICK_SAMPLES = 200, 4  # what --quick uses (snodevit.calibrate.quick_config)
 TARGET_RISK = 0.9  # a random model is right 1 time in 10: a reachable target, so the threshold is finite
 SECTIONS = ("goals", "temperature", "calibration", "conformal", "selective", "misclassification", "shift",
-            "domain_shift", "ood", "setup")
+            "domain_shift", "ood", "ood_gate", "decisions_under_shift", "setup")
 FIGURES = ("calibration_reliability", "calibration_confidence_histogram", "selective_risk_coverage",
            "misclassification_max_probability", "misclassification_entropy", "misclassification_mutual_information",
-           "misclassification_aleatoric", "shift_rotation", "ood_scores")
+           "misclassification_aleatoric", "shift_rotation", "ood_scores", "decisions_under_shift_rotation",
+           "decisions_under_shift_sets")
 
 
 def _tiny_model(directory: Path) -> Path:
@@ -169,7 +170,8 @@ def test_report_is_self_contained_and_metrics_hold_every_section(run: dict[str, 
     assert m["shift"]["angle"] == [0.0, 90.0, 180.0]
     assert {len(v) for v in m["shift"].values()} == {3}
     assert m["shift"]["accuracy"][0] == pytest.approx(m["calibration"]["after"]["accuracy"])
-    assert set(m["ood"]) == {f"{s}/{k}" for s in ("uniform_noise", "photo_crops")
+    assert set(m["ood"]) == {f"{s}/{k}" for s in ("uniform_noise", "photo_crops", "constant", "inverted_digits",
+                                                  "letters")
                              for k in ("max_probability", "entropy", "mutual_information")}
     assert all(0.0 <= r["auroc"] <= 1.0 for r in m["ood"].values())
     assert set(m["domain_shift"]) == {"mnist5k test", "sklearn digits"}
@@ -351,3 +353,88 @@ def test_far_ood_inputs_are_seeded_uint8_images_of_the_model_size() -> None:
     assert crops.std(dim=(1, 2, 3)).min() > 0  # photographs, not blank squares
     with pytest.raises(ValueError, match=">= 1"):
         photo_crops(0, prep)
+
+
+# ------------------------------------------------------------------------------------------- out-of-distribution gate
+
+
+def _gate_scores(loaded: Any, images: torch.Tensor) -> torch.Tensor:
+    """Served gate scores of uint8 images (image i seeded with i, S as --quick), computed through ``predict``
+    with the stored density and a gate that never fires."""
+    import dataclasses
+
+    gate = loaded.calibration.ood_gate
+    probe = dataclasses.replace(loaded.calibration, ood_gate=dataclasses.replace(gate, threshold=float("inf")))
+    x = torch.stack([ImageTensorDataset(images, torch.zeros(len(images), dtype=torch.int64),
+                                        loaded.preprocessing)[i][0] for i in range(len(images))])
+    pred = loaded.predict(x, num_samples=QUICK_SAMPLES, seed=list(range(len(images))), calibration=probe)
+    assert pred.ood_score is not None
+    return pred.ood_score
+
+
+def test_gate_threshold_is_the_conformal_novelty_threshold_of_the_calibration_split(run: dict[str, Any]) -> None:
+    from snodevit.calibrate import CalibrateConfig
+
+    loaded = open_model(run["model"])
+    gate = loaded.calibration.ood_gate
+    assert gate is not None and gate.score == "feature_density" and gate.density is not None
+    assert gate.review_rate == CalibrateConfig().gate_review_rate and gate.calibration_images == QUICK_IMAGES
+    assert gate.density.num_groups == 1 + TINY["depth"] and gate.density.dim == 4 * TINY["dim"]
+    images, _ = load_dataset("mnist5k").raw("calibration")
+    scores = _gate_scores(loaded, images[:QUICK_IMAGES])
+    # an independent reference: the k-th smallest score, k = ceil((n + 1)(1 - rate)) (Bates et al. 2023)
+    k = int(np.ceil((QUICK_IMAGES + 1) * (1 - gate.review_rate) - 1e-9))
+    assert gate.threshold == pytest.approx(float(scores.sort().values[k - 1]), rel=1e-9)
+    assert run["headline"]["ood_gate"]["threshold"] == pytest.approx(gate.threshold)
+
+
+def test_decisions_under_shift_are_what_predict_answers(run: dict[str, Any]) -> None:
+    m = _strict_json((run["out"] / "metrics.json").read_text())
+    rows = m["decisions_under_shift"]
+    assert list(rows)[:4] == ["test", "rotated 90", "rotated 180", "sklearn digits"]
+    assert {"pixel noise", "uniform_noise", "photo_crops", "constant", "inverted_digits", "letters"} <= set(rows)
+    loaded = open_model(run["model"])
+    images, labels = load_dataset("mnist5k").raw("test")
+    images, labels = images[:QUICK_IMAGES], labels[:QUICK_IMAGES]
+    x = torch.stack([ImageTensorDataset(images, labels, loaded.preprocessing)[i][0] for i in range(QUICK_IMAGES)])
+    pred = loaded.predict(x, num_samples=QUICK_SAMPLES, seed=list(range(QUICK_IMAGES)))
+    assert pred.out_of_distribution is not None
+    accepted = pred.accept
+    row = rows["test"]
+    assert row["accepted"] == pytest.approx(float(accepted.double().mean()))
+    assert row["review_out_of_distribution"] == pytest.approx(float(pred.out_of_distribution.double().mean()))
+    wrong = pred.summary.prediction != labels
+    assert row["error_among_accepted"] == (pytest.approx(float(wrong[accepted].double().mean()))
+                                           if bool(accepted.any()) else None)
+    assert row["accepted"] + row["review_out_of_distribution"] + row["review_low_confidence"] == pytest.approx(1.0)
+    # the gate flags the far-OOD sets of a random model too: its first layer already sees pixel statistics
+    assert rows["uniform_noise"]["review_out_of_distribution"] > 0.9
+    assert rows["uniform_noise"]["gate_auroc"] > 0.9
+    # every candidate is in the report, each fitted at the stated rate
+    cands = m["ood_gate"]
+    assert set(cands) == {"feature_density", "energy", "mutual_information", "feature_density_last",
+                          "max_probability", "feature_density|mutual_information"}
+    assert cands["feature_density"]["review test"] == pytest.approx(row["review_out_of_distribution"])
+    goals = m["goals"]
+    assert goals["test: accepted"]["measured"] == row["accepted"]
+    assert goals["uniform_noise: sent to review"]["measured"] == pytest.approx(1 - rows["uniform_noise"]["accepted"])
+    page = (run["out"] / "report.html").read_text()
+    assert "Decisions under shift" in page or "decisions_under_shift" in page
+
+
+def test_gate_none_fits_no_gate(tmp_path: Path) -> None:
+    model = _tiny_model(tmp_path / "model")
+    code, _, stderr = _main(["calibrate", "--model", str(model), "--data", "mnist5k", "--out", str(tmp_path / "c"),
+                             "--quick", "--json", "--target-risk", str(TARGET_RISK), "--gate-score", "none",
+                             "--num-samples", "2"])
+    assert code == 0, stderr
+    assert "ood_gate" not in json.loads((model / "meta.json").read_text())["calibration"]
+    assert open_model(model).calibration.ood_gate is None
+
+
+@pytest.mark.parametrize("rate", ["0", "1", "1.5", "-0.1"])
+def test_bad_gate_review_rate_is_refused(rate: str, tmp_path: Path) -> None:
+    model = _tiny_model(tmp_path / "model")
+    code, _, stderr = _main(["calibrate", "--model", str(model), "--data", "mnist5k", "--out", str(tmp_path / "c"),
+                             "--quick", "--gate-review-rate", rate])
+    assert code == 2 and "--gate-review-rate" in stderr

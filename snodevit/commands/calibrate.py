@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..calibrate import CONFORMAL_SCORES, DECISION_SCORES, CalibrateConfig
+    from ..inference import GATE_SCORES
 
     d = CalibrateConfig()
     p = sub.add_parser("calibrate", help="fit and store the calibration of a model; write a calibration report",
@@ -37,10 +38,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="what the accept/review rule thresholds (default: %(default)s)")
     p.add_argument("--conformal-score", choices=CONFORMAL_SCORES, default=d.conformal_score,
                    help="non-conformity score of the prediction sets (default: %(default)s)")
+    p.add_argument("--gate-score", choices=[*GATE_SCORES, "none"], default=d.gate_score,
+                   help="score of the out-of-distribution gate; 'none' fits no gate (default: %(default)s)")
+    p.add_argument("--gate-review-rate", type=float, default=d.gate_review_rate,
+                   help="share of in-distribution images the gate may send to review, in (0, 1) (default: "
+                   "%(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="image i of every pass is seeded with SEED + i")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--quick", action="store_true",
-                   help="a small run for tests: 4 samples, at most 200 images per set, 3 angles, 64 OOD images")
+                   help="a small run for tests: 4 samples, at most 200 images per set, 3 angles, 64 OOD images, "
+                   "600 training images for the gate")
     add_device_flag(p)
     add_json_flag(p)
     p.set_defaults(func=run)
@@ -55,6 +62,8 @@ def _check_args(args: argparse.Namespace) -> None:
                        "(e.g. --alphas 0.05 0.1 for 95% and 90% coverage)")
     if not 0.0 <= args.target_risk <= 1.0:
         raise CLIError(f"--target-risk must be in [0, 1] (an error rate), got {args.target_risk:g}")
+    if not 0.0 < args.gate_review_rate < 1.0:
+        raise CLIError(f"--gate-review-rate must be in (0, 1) (a share of images), got {args.gate_review_rate:g}")
     if args.seed < 0:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
     if args.out.exists() and not args.out.is_dir():
@@ -86,6 +95,16 @@ def _human(h: dict[str, Any], model: Path, out: Path, quick: bool) -> str:
         op = ">=" if h["decision_score"] == "confidence" else "<="
         lines.append(f"  accept when {h['decision_score']} {op} {thr:.4f} (target risk {pct(h['target_risk'])}): "
                      f"test coverage {pct(h['selective_coverage'])}, risk {pct(h['selective_risk'])}")
+    gate = h.get("ood_gate")
+    if gate is None:
+        lines.append("  out-of-distribution gate: none")
+    else:
+        lines.append(f"  out-of-distribution gate ({gate['score']}): review when score > {float(gate['threshold']):.4g} "
+                     f"(fitted to review {pct(gate['review_rate'])} of in-distribution images)")
+    lines.append("  decisions (accepted / error among accepted / sent to review as out of distribution):")
+    for name, row in h["decisions"].items():
+        lines.append(f"    {name:<18} {pct(row['accepted']):>8} / {pct(row['error_among_accepted']):>8} / "
+                     f"{pct(row['review_out_of_distribution']):>8}")
     lines.append("  OOD AUROC (mutual information): " + ", ".join(
         f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in h["ood_auroc_mutual_information"].items()))
     lines.append(f"  calibration stored in {model / 'meta.json'}; report: {out / 'report.html'}")
@@ -105,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_dataset(args.data, image_size=loaded.preprocessing.image_size)
     options: dict[str, Any] = dict(alphas=tuple(args.alphas), target_risk=args.target_risk,
                                    decision_score=args.decision_score, conformal_score=args.conformal_score,
-                                   seed=args.seed, batch_size=args.batch_size)
+                                   seed=args.seed, batch_size=args.batch_size, gate_score=args.gate_score,
+                                   gate_review_rate=args.gate_review_rate)
     if args.num_samples is not None:
         options["num_samples"] = args.num_samples
     cfg = quick_config(**options) if args.quick else CalibrateConfig(**options)
