@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from pydantic import ValidationError
 
 from snodevit.images import DEFAULT_ALLOWED_FORMATS, ImageError, decode_image, normalize, to_uint8_tensor
-from snodevit.inference import AUTO, MAX_SEED, AdaptiveSampling, NumSamples, resolve_seeds
+from snodevit.inference import AUTO, MAX_SEED, AdaptiveSampling, NumSamples, Prediction, resolve_seeds
 from snodevit.loading import LoadedModel, open_model
 from snodevit.records import prediction_records
 
@@ -37,6 +38,7 @@ from .schemas import (
     Limits,
     MetadataResponse,
     ModelInfo,
+    OodGateInfo,
     Timing,
 )
 from .settings import ServiceSettings
@@ -247,19 +249,24 @@ class Engine:
                         by_k[k] = prediction_records(pred, self.loaded.class_names, k)
                     answers[i] = _Answer(by_k[k][j], len(chunk), _ms(t0 - items[i].enqueued), inference_ms)
                 if count:
-                    self._count(pred.accept.tolist(), pred.num_samples)
+                    self._count(pred)
         return [a for a in answers if a is not None]
 
-    def _count(self, accepted: list[bool], num_samples: list[int]) -> None:
+    def _count(self, pred: Prediction) -> None:
+        """Samples run, the pass's size, the answers by decision and reason, and the gate's score / threshold."""
         if self.metrics is None:
             return
-        self.metrics.samples.inc(sum(num_samples))
-        self.metrics.batch_size.observe(len(accepted))
-        n_accept = sum(accepted)
-        if n_accept:
-            self.metrics.decisions.labels(decision="accept").inc(n_accept)
-        if len(accepted) - n_accept:
-            self.metrics.decisions.labels(decision="review").inc(len(accepted) - n_accept)
+        m = self.metrics
+        m.samples.inc(sum(pred.num_samples))
+        m.batch_size.observe(len(pred.num_samples))
+        for (accepted, code), n in Counter(zip(pred.accept.tolist(), pred.reason_codes)).items():
+            m.decisions.labels(decision="accept" if accepted else "review", reason=code).inc(n)
+        gate = pred.ood_gate
+        # a ratio reads the same for every model; it needs a positive finite threshold (true of the feature-density
+        # and mutual-information gates; an energy gate's threshold may be negative, and is not observed)
+        if gate is not None and pred.ood_score is not None and math.isfinite(gate.threshold) and gate.threshold > 0:
+            for score in pred.ood_score.tolist():
+                m.ood_ratio.observe(score / gate.threshold)
 
     async def _with_timeout(self, awaitable: Any) -> Any:
         try:
@@ -308,7 +315,7 @@ class Engine:
     def _explain_sync(self, image: torch.Tensor, params: Params, seed: int) -> tuple[Any, float]:
         t0 = time.perf_counter()
         pred = self._predict(image[None], params.num_samples, [seed], alpha=params.alpha, attention=True)
-        self._count(pred.accept.tolist(), pred.num_samples)
+        self._count(pred)
         return pred, _ms(time.perf_counter() - t0)
 
     async def explain(self, data: bytes, params: Params, *, endpoint: str) -> tuple[ExplainResponse, Decoded]:
@@ -359,7 +366,8 @@ class Engine:
                 fitted=cal.is_fitted, temperature=cal.temperature, conformal_score=cal.conformal_score,
                 alphas=self.alphas, conformal_thresholds=written["conformal_thresholds"],
                 decision_score=cal.decision_score, decision_threshold=written["decision_threshold"],
-                target_risk=cal.target_risk, figures=self.calibration_figures),
+                target_risk=cal.target_risk, figures=self.calibration_figures,
+                ood_gate=None if cal.ood_gate is None else OodGateInfo.model_validate(cal.ood_gate.summary())),
             limits=Limits(max_bytes=s.max_bytes, max_pixels=s.max_pixels, max_request_bytes=s.max_request_bytes,
                           max_single_request_bytes=s.max_single_request_bytes, max_images=s.max_images,
                           num_samples_min=1, num_samples_max=s.max_num_samples, num_samples_default=s.num_samples,

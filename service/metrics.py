@@ -16,12 +16,18 @@ from typing import Any
 class ServiceMetrics:
     images: Any  # Counter{endpoint}: images answered
     samples: Any  # Counter: Monte Carlo samples run (images * num_samples)
-    decisions: Any  # Counter{decision}: accept / review answers
+    decisions: Any  # Counter{decision, reason}: accept / review answers by reason code
+    ood_ratio: Any  # Histogram: out-of-distribution gate score / threshold (> 1: sent to review as OOD)
     batch_size: Any  # Histogram: images per forward pass
     errors: Any  # Counter{error, status}: refused requests by error code
 
     def record_error(self, error: str, status: int) -> None:
         self.errors.labels(error=error, status=str(status)).inc()
+
+
+#: Buckets of ``snodevit_ood_score_ratio``: fine below the threshold (1), where in-distribution traffic lives and
+#: drift first shows, coarse far above it.
+OOD_RATIO_BUCKETS: tuple[float, ...] = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 4.0, 16.0, 64.0)
 
 
 @functools.cache
@@ -32,7 +38,11 @@ def service_metrics() -> ServiceMetrics:
     return ServiceMetrics(
         images=prom.Counter("snodevit_images", "Images answered", ["endpoint"]),
         samples=prom.Counter("snodevit_mc_samples", "Monte Carlo samples run (images x num_samples)"),
-        decisions=prom.Counter("snodevit_decisions", "Answers by accept/review decision", ["decision"]),
+        decisions=prom.Counter("snodevit_decisions", "Answers by accept/review decision and reason code "
+                               "(accepted, low_confidence, out_of_distribution)", ["decision", "reason"]),
+        ood_ratio=prom.Histogram("snodevit_ood_score_ratio", "Out-of-distribution gate score divided by its "
+                                 "threshold, per answered image (above 1: sent to review as out of distribution); "
+                                 "a shift of this histogram is input drift", buckets=OOD_RATIO_BUCKETS),
         batch_size=prom.Histogram("snodevit_batch_size", "Images per forward pass",
                                   buckets=(1, 2, 4, 8, 16, 32, 64, 128)),
         errors=prom.Counter("snodevit_errors", "Refused requests by error code", ["error", "status"]),

@@ -19,7 +19,7 @@ from pydantic import (
     WrapValidator,
 )
 
-from snodevit.inference import AUTO, MAX_SEED
+from snodevit.inference import AUTO, MAX_SEED, GateScore, ReasonCode
 
 from .settings import ServiceSettings
 
@@ -98,6 +98,22 @@ class Timing(BaseModel):
     batch_size: int = Field(description="images in the forward pass that answered this image")
 
 
+#: A threshold as ``snodevit.inference.Calibration.to_dict`` writes it: a finite number, or the string "Infinity" /
+#: "-Infinity" (strict JSON has no infinity). A float inf is refused here, so an answer never holds ``Infinity``.
+Threshold = Annotated[float, Field(allow_inf_nan=False)] | Literal["Infinity", "-Infinity"]
+
+
+class OodAnswer(BaseModel):
+    """What the out-of-distribution gate made of one image."""
+
+    score: float = Field(description="the gate's score (larger = less like the training images)")
+    threshold: Threshold = Field(description="the image is sent to review as out of distribution when score > "
+                                 "threshold ('Infinity': the gate never fires)")
+    out_of_distribution: bool = Field(description="score > threshold")
+    score_name: GateScore = Field(
+        description="which score the gate thresholds (see /metadata calibration.ood_gate)")
+
+
 class Classification(BaseModel):
     """One image's answer: the keys of ``snodevit.records.prediction_records``."""
 
@@ -110,7 +126,12 @@ class Classification(BaseModel):
                                              "has no conformal calibration")
     alpha: float | None
     decision: Literal["accept", "review"]
-    reason: str
+    reason_code: ReasonCode = Field(
+        description="why: accepted; sent to review because confidence is low; sent to review because the image is "
+        "out of distribution (the gate fired: the model was not made for such an input)")
+    reason: str = Field(description="the decision in words, with the scores and thresholds it compared")
+    ood: OodAnswer | None = Field(description="the out-of-distribution gate's score and flag; null for a model "
+                                  "calibrated without a gate")
     seed: int
     num_samples: int = Field(description="Monte Carlo samples this answer used: the requested number, or with "
                              "num_samples='auto' as many as the adaptive rule drew")
@@ -145,17 +166,24 @@ class ExplainResponse(BaseModel):
     timing: Timing
 
 
-#: A threshold as ``snodevit.inference.Calibration.to_dict`` writes it: a finite number, or the string "Infinity" /
-#: "-Infinity" (strict JSON has no infinity). A float inf is refused here, so an answer never holds ``Infinity``.
-Threshold = Annotated[float, Field(allow_inf_nan=False)] | Literal["Infinity", "-Infinity"]
-
-
 def _finite_or_none(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 #: A measured figure; null when it could not be computed (e.g. the risk among no accepted image), never NaN/inf.
 Figure = Annotated[float | None, BeforeValidator(_finite_or_none)]
+
+
+class DecisionFigures(BaseModel):
+    """What the served decision did on one image set, as `snodevit calibrate` measured it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    accepted: Figure = Field(None, description="share of the set accepted automatically")
+    error_among_accepted: Figure = Field(None, description="error rate among the accepted images; null for a set "
+                                         "without labels or with none accepted")
+    review_out_of_distribution: Figure = Field(None, description="share sent to review by the out-of-distribution "
+                                               "gate")
 
 
 class CalibrationFigures(BaseModel):
@@ -197,6 +225,22 @@ class CalibrationFigures(BaseModel):
                                                                    "information (epistemic uncertainty)")
     rotation_accuracy: dict[str, Figure] | None = Field(None, description="rotation angle in degrees -> test "
                                                         "accuracy on the rotated images")
+    decisions: dict[str, DecisionFigures] | None = Field(None, description="image set (the test split, rotated "
+                                                         "digits, shifted and out-of-distribution sets) -> what the "
+                                                         "served decision did on it")
+
+
+class OodGateInfo(BaseModel):
+    """The out-of-distribution gate (``snodevit.inference.OodGate.summary``), checked before the confidence rule."""
+
+    score: GateScore = Field(description="what the gate thresholds: feature_density (class-conditional Gaussians "
+                             "on every layer's pooled features), energy, or mutual_information")
+    threshold: Threshold = Field(description="review as out of distribution when the score is above it")
+    review_rate: float = Field(description="share of in-distribution images the threshold was fitted to send to "
+                               "review (a conformal novelty threshold: at most this rate, Bates et al. 2023)")
+    calibration_images: int = Field(description="images of the calibration split the threshold was fitted on")
+    feature_groups: int | None = Field(None, description="feature vectors the density reads (embedding + blocks)")
+    feature_dim: int | None = Field(None, description="width of each feature vector")
 
 
 class CalibrationInfo(BaseModel):
@@ -212,6 +256,8 @@ class CalibrationInfo(BaseModel):
                                                  "'Infinity' / '-Infinity': none is (no threshold kept the error "
                                                  "rate at target_risk)")
     target_risk: float | None
+    ood_gate: OodGateInfo | None = Field(description="the out-of-distribution gate; null: the model was calibrated "
+                                         "without one, and every input is judged by confidence alone")
     figures: CalibrationFigures | None = Field(description="what `snodevit calibrate` measured on the test split; "
                                                "null for a model without them (uncalibrated)")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import math
 import os
 import shutil
 import sys
@@ -36,15 +37,50 @@ CALIBRATION_FIGURES: dict[str, Any] = {
     "ood_auroc_entropy": {"uniform_noise": 0.91, "photo_crops": 0.81},
     "ood_auroc_mutual_information": {"uniform_noise": 0.92, "photo_crops": None},
     "rotation_accuracy": {"0": 0.9, "90": 0.2, "180": 0.4}, "seconds": 12.5}
+#: The test model's out-of-distribution gate (``make_tiny_model(gate=True)``): images it is fitted on and its rate.
+GATE_TRAIN_IMAGES, GATE_CALIBRATION_IMAGES, GATE_REVIEW_RATE = 1000, 200, 0.02
 TEST_ENV = {"SNODEVIT_NUM_SAMPLES": "8", "SNODEVIT_BATCH_WAIT_MS": "20",
             "SNODEVIT_TIMEOUT_S": "60"}
 
 
-def make_tiny_model(directory: str | os.PathLike[str], *, seed: int = 0, calibrated: bool = True) -> Path:
+def fit_test_gate(model: Any, review_rate: float = GATE_REVIEW_RATE) -> dict[str, Any]:
+    """A feature-density out-of-distribution gate for ``model``, fitted as `snodevit calibrate` fits one.
+
+    The density is fitted on one sample's features of the first ``GATE_TRAIN_IMAGES`` mnist5k training images;
+    the threshold is the conformal novelty threshold of the served scores (S = 8, image i seeded with i) of the
+    first ``GATE_CALIBRATION_IMAGES`` calibration images. Returns the gate as meta.json stores it.
+    """
+    import torch
+
+    from calibration import fit_feature_density, fit_novelty_threshold
+    from snodevit.data import load_dataset
+    from snodevit.images import normalize
+    from snodevit.inference import Calibration, OodGate, draw_noise, predict
+
+    bundle = load_dataset("mnist5k")
+    prep = bundle.preprocessing
+    train, labels = bundle.raw("train")
+    x = normalize(train[:GATE_TRAIN_IMAGES], prep)
+    with torch.no_grad():
+        feats = model.sample_logits(x, noise=draw_noise(model, list(range(len(x))), 1), return_features=True)[1][0]
+    density = fit_feature_density(feats.double(), labels[:GATE_TRAIN_IMAGES], model.cfg.num_classes)
+    probe = OodGate(score="feature_density", threshold=math.inf, review_rate=review_rate, density=density)
+    cal_images = normalize(bundle.raw("calibration")[0][:GATE_CALIBRATION_IMAGES], prep)
+    pred = predict(model, cal_images, num_samples=8, seed=list(range(len(cal_images))),
+                   calibration=Calibration(ood_gate=probe))
+    assert pred.ood_score is not None
+    gate = OodGate(score="feature_density", threshold=fit_novelty_threshold(pred.ood_score, review_rate),
+                   review_rate=review_rate, density=density, calibration_images=len(cal_images))
+    return gate.to_dict()
+
+
+def make_tiny_model(directory: str | os.PathLike[str], *, seed: int = 0, calibrated: bool = True,
+                    gate: bool = False) -> Path:
     """Save a 2-block, 24-wide MNIST-shaped SNodeViT with random weights (about 20k parameters).
 
     The weights are perturbed away from the initialisation (whose zero head answers 0.1 for every class) and
-    the diffusion is strong, so answers differ between images and between seeds.
+    the diffusion is strong, so answers differ between images and between seeds. ``gate`` adds an
+    out-of-distribution gate to the calibration (:func:`fit_test_gate`).
     """
     import torch
 
@@ -60,7 +96,7 @@ def make_tiny_model(directory: str | os.PathLike[str], *, seed: int = 0, calibra
     meta: dict[str, Any] = {"class_names": [str(i) for i in range(10)], "data": "mnist5k",
                             "preprocessing": load_dataset("mnist5k").preprocessing.to_dict()}
     if calibrated:
-        meta["calibration"] = CALIBRATION
+        meta["calibration"] = {**CALIBRATION, "ood_gate": fit_test_gate(model)} if gate else CALIBRATION
         meta["calibration_figures"] = CALIBRATION_FIGURES
     return snodevit.save_model(model, directory, meta=meta)
 
@@ -100,7 +136,7 @@ def prepare_service(extra_env: dict[str, str] | None = None) -> PreparedService:
         (root / "prometheus").mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(root / "prometheus")
     home = use_home(root / "bentoml")
-    model_dir = make_tiny_model(root / "tiny")
+    model_dir = make_tiny_model(root / "tiny", gate=True)
     tag = str(register_model(model_dir, name="snodevit-test", labels={"stage": "test"}))
     env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "SNODEVIT_MODEL": tag, **TEST_ENV,
            **(extra_env or {})}

@@ -80,7 +80,8 @@ def test_classify_multipart_and_raw_give_the_same_answer(client) -> None:
     assert without_timing(a) == without_timing(raw.json()) == without_timing(octets.json())
     assert len(a["top_k"]) == 5 and a["seed"] == 21 and a["model"]["name"] == "snodevit-test"
     assert set(a) == {"label", "class_index", "confidence", "top_k", "uncertainty", "prediction_set", "alpha",
-                      "decision", "reason", "seed", "num_samples", "model", "timing"}
+                      "decision", "reason_code", "reason", "ood", "seed", "num_samples", "model", "timing"}
+    assert set(a["ood"]) == {"score", "threshold", "out_of_distribution", "score_name"}
 
 
 def test_same_seed_same_json(client) -> None:
@@ -158,7 +159,7 @@ def test_metadata_health_and_docs(client) -> None:
     schemas = spec["components"]["schemas"]
     assert set(schemas["ClassifyResponseIODescriptor"]["properties"]) == {
         "label", "class_index", "confidence", "top_k", "uncertainty", "prediction_set", "alpha", "decision",
-        "reason", "seed", "num_samples", "model", "timing"}
+        "reason_code", "reason", "ood", "seed", "num_samples", "model", "timing"}
     form = spec["paths"]["/classify"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert form["required"] == ["image"]
     assert (form["properties"]["num_samples"]["minimum"], form["properties"]["num_samples"]["maximum"]) == (1, 256)

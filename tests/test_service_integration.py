@@ -138,6 +138,39 @@ def test_bad_inputs_leave_the_server_serving(server: str) -> None:
     assert classify(server, DIGIT_7, seed="1").status_code == 200
 
 
+def _png(array: Any) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_constant_and_noise_images_are_sent_to_review_as_out_of_distribution(server: str) -> None:
+    """Inputs the model was not made for: the out-of-distribution gate answers 'review' and says why."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    inputs = {"grey": _png(np.full((28, 28), 128, np.uint8)),
+              "white 1x1": _png(np.full((1, 1), 255, np.uint8)),
+              "noise": _png(rng.integers(0, 256, (28, 28), dtype=np.uint8)),
+              "colour noise 64x48": _png(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))}
+    gate = httpx.get(f"{server}/metadata", timeout=30).json()["calibration"]["ood_gate"]
+    assert gate["score"] == "feature_density" and gate["review_rate"] == 0.02
+    for name, data in inputs.items():
+        r = classify(server, data, seed="3")
+        assert r.status_code == 200, (name, r.text)
+        a = r.json()
+        assert (a["decision"], a["reason_code"]) == ("review", "out_of_distribution"), (name, a)
+        assert a["ood"]["out_of_distribution"] is True and a["ood"]["score"] > a["ood"]["threshold"] == gate["threshold"]
+        assert a["reason"].startswith("out-of-distribution score (feature_density)")
+    # a training-like digit passes the gate (its review, if any, is for low confidence: the model is random)
+    a = classify(server, DIGIT_7, seed="3").json()
+    assert a["ood"]["out_of_distribution"] is False and a["reason_code"] != "out_of_distribution"
+
+
 def test_metrics_show_samples_decisions_batches_and_errors(server: str) -> None:
     text = httpx.get(f"{server}/metrics", timeout=30).text
     values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -146,6 +179,10 @@ def test_metrics_show_samples_decisions_batches_and_errors(server: str) -> None:
     assert images >= 16 + 16 + 3
     assert values["snodevit_mc_samples_total"] >= images * 8  # SNODEVIT_NUM_SAMPLES=8 in the test env
     assert sum(v for k, v in values.items() if k.startswith("snodevit_decisions_total")) >= images
+    assert values['snodevit_decisions_total{decision="review",reason="out_of_distribution"}'] >= 4
+    # every classified image's gate score / threshold is observed; the OOD ones lie above 1
+    assert values["snodevit_ood_score_ratio_count"] >= images
+    assert values["snodevit_ood_score_ratio_count"] - values['snodevit_ood_score_ratio_bucket{le="1.0"}'] >= 4
     assert values["snodevit_batch_size_count"] < values["snodevit_batch_size_sum"]  # some passes held several images
     assert values['snodevit_errors_total{error="not_an_image",status="415"}'] >= 1
     assert values['snodevit_errors_total{error="request_too_large",status="413"}'] >= 1
