@@ -109,7 +109,8 @@ def _png_response(png: bytes, answer: ExplainResponse) -> Response:
     p = answer.prediction
     return Response(png, media_type="image/png", headers={
         "X-SNodeViT-Label": p.label, "X-SNodeViT-Confidence": f"{p.confidence:.6f}",
-        "X-SNodeViT-Decision": p.decision, "X-SNodeViT-Seed": str(p.seed), "X-SNodeViT-Model": answer.model.tag})
+        "X-SNodeViT-Decision": p.decision, "X-SNodeViT-Reason-Code": p.reason_code, "X-SNodeViT-Seed": str(p.seed),
+        "X-SNodeViT-Model": answer.model.tag})
 
 
 @bentoml.service(name="snodevit", resources=_RESOURCES, traffic=_TRAFFIC, labels={"project": "snodevit"})
@@ -170,7 +171,8 @@ class SNodeViTService:
                             top_k: TopK = SETTINGS.top_k, alpha: Alpha = None, layer: Layer = None) -> PngImage:
         """PNG: the attention rollout (or block ``layer``) as a heatmap over the image the model saw.
 
-        The prediction travels in the ``X-SNodeViT-Label``, ``-Confidence``, ``-Decision`` and ``-Seed`` headers.
+        The prediction travels in the ``X-SNodeViT-Label``, ``-Confidence``, ``-Decision``, ``-Reason-Code`` and
+        ``-Seed`` headers.
         """
         return await _answered(self._explain_png(lambda: self.engine.read_upload(image, "image"),
                                                  num_samples=num_samples, seed=seed, top_k=top_k, alpha=alpha,

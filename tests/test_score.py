@@ -445,3 +445,33 @@ def test_the_onnx_backend_scores_the_same_answers(
             (o["path"], o["label"], o["prediction_set"], o["decision"])
         assert o["confidence"] == pytest.approx(t["confidence"], abs=1e-4)
         assert o["uncertainty_epistemic"] == pytest.approx(t["uncertainty_epistemic"], abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- out-of-distribution gate
+def test_rows_carry_the_gate_and_agree_with_the_service_path(tmp_path: Path,
+                                                            digits: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """A gated model: digits pass the gate, blank and noise images are sent to review as out of distribution; every
+    row's gate fields equal ``prediction_records`` of the shared predict (the service's path)."""
+    from service.testing import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "gated", gate=True)
+    root = tmp_path / "in"
+    _write_digits(root, digits, range(6))
+    gen = torch.Generator().manual_seed(0)
+    for i in range(3):
+        (root / f"grey{i}.png").write_bytes(_png(torch.full((1, 28, 28), 60 + 60 * i, dtype=torch.uint8)))
+        (root / f"noise{i}.png").write_bytes(_png(torch.randint(0, 256, (1, 28, 28), generator=gen,
+                                                                dtype=torch.uint8)))
+    out = tmp_path / "rows.jsonl"
+    assert _score(root, "--model", model, "--out", out, "--num-samples", 4, "--seed", 5, *QUIET) == 0
+    rows = {Path(r["path"]).name: r for r in _jsonl(out)}
+    assert len(rows) == 12
+    for name, row in rows.items():
+        ref = _reference(model, root / name, 4, row["seed"])
+        assert (row["decision"], row["reason_code"], row["out_of_distribution"]) == \
+            (ref["decision"], ref["reason_code"], ref["ood"]["out_of_distribution"])
+        assert row["ood_score"] == pytest.approx(ref["ood"]["score"], rel=1e-5)  # batch of 12 vs 1: float32
+        if name.startswith(("grey", "noise")):
+            assert (row["decision"], row["reason_code"], row["out_of_distribution"]) == \
+                ("review", "out_of_distribution", True), name
+    assert sum(not r["out_of_distribution"] for n, r in rows.items() if n.startswith("digit")) >= 5

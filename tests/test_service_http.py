@@ -140,6 +140,7 @@ def test_explain_and_explain_image(client) -> None:
     png = client.post("/explain_image", files={"image": ("a.png", DIGIT_7, "image/png")}, data={"seed": "2"})
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert png.headers["x-snodevit-label"] == body["prediction"]["label"]
+    assert png.headers["x-snodevit-reason-code"] == body["prediction"]["reason_code"]
     assert Image.open(io.BytesIO(png.content)).size == (224, 224)
     raw = client.post("/explain_image?seed=2", content=DIGIT_7, headers={"Content-Type": "image/png"})
     assert raw.status_code == 200 and raw.content == png.content
