@@ -89,7 +89,7 @@ GOAL_SHIFT_ERROR = 0.05
 _ROUNDING = 1e-9  # 1.0 - 0.98 is 0.020000000000000018 in floats: a value on the boundary meets the goal
 
 __all__ = ["CONFORMAL_SCORES", "DECISION_SCORES", "CalibrateConfig", "CalibrationResult", "calibrate_model",
-           "quick_config"]
+           "decision_figures", "quick_config"]
 
 
 @dataclass(frozen=True)
@@ -790,11 +790,11 @@ def _figures(passes: _Passes, test_one: _Pass, m: Mapping[str, Any], cfg: Calibr
     scores |= {name: {s: _uncertainty(p.s, s) for s in OOD_SCORES} for name, p in passes.ood.items()}
     auroc = {name: {s: m["ood"][f"{name}/{s}"]["auroc"] for s in OOD_SCORES} for name in passes.ood}
     out["ood_scores"] = _ood_figure(scores, auroc)
-    out |= _decision_figures(m["decisions_under_shift"])
+    out |= decision_figures(m["decisions_under_shift"])
     return out
 
 
-def _decision_figures(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, bytes]:
+def decision_figures(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, bytes]:
     """Accepted share and error among accepted against rotation angle; one bar per far-OOD and shifted set
     (values read from the ``decisions_under_shift`` rows)."""
     from matplotlib.figure import Figure
