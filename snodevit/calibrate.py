@@ -833,9 +833,9 @@ def decision_figures(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, bytes]:
     ax.axhline(GOAL_FAR_OOD_REVIEW, color="#444", lw=0.8, ls=":")
     ax.set_xticks(x, [k.replace("_", " ") for k in names], rotation=20, fontsize=8)
     ax.set_ylabel("share sent to review")
-    ax.set_ylim(0, 1.1)
+    ax.set_ylim(0, 1.3)
     ax.set_title("decisions on shifted and out-of-distribution sets (err: error among accepted)", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
     out["decisions_under_shift_sets"] = _png(fig)
     return out
 
