@@ -423,7 +423,8 @@ def test_gate_decisions_are_identical_on_both_backends(variant: str, tmp_path: P
         feats = m.sample_logits(x, noise=noise, return_features=True)[1]
     assert gated.ood_gate is not None and gated.ood_gate.density is not None
     ref = gated.ood_gate.density.score(feats.double().mean(dim=0))
-    assert float((b.ood_score - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
+    # float32 features from another batch split: equal to float32 rounding, amplified by the inverse covariance
+    assert float((b.ood_score - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
 
 
 def test_gated_calibration_refuses_a_graph_without_features(get_export: Callable[[str], Exported],
