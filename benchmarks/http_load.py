@@ -273,7 +273,8 @@ def engine_load(model_dir: str, tag: str, backend: str, threads: int, image: byt
     from service.settings import ServiceSettings
 
     torch.set_num_threads(threads)
-    settings = ServiceSettings(model=tag, num_samples=num_samples, backend=backend)  # type: ignore[arg-type]
+    settings = ServiceSettings(model=tag, num_samples=num_samples, backend=backend,  # type: ignore[arg-type]
+                               precision="fp32")  # as the bench's servers: SNODEVIT_PRECISION=fp32
     engine = Engine.open(model_dir, settings, name="snodevit-bench", tag=tag)
     try:
         engine.warm_up()

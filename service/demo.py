@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from snodevit.store import DEFAULT_NAME, ONNX_FILE
-from snodevit.train import PRECISIONS, cpu_has_bf16
+from snodevit.precision import PRECISIONS, cpu_has_bf16
 
 Runner = Callable[[list[str]], int]
 

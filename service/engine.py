@@ -119,8 +119,15 @@ class Engine:
         self.loaded = loaded
         self.settings = settings
         self.metrics = metrics
+        cal = loaded.calibration
         self.info = ModelInfo(name=name, tag=tag, version=loaded.version,
-                              backend=loaded.backend_name, device=str(loaded.device))  # type: ignore[arg-type]
+                              backend=loaded.backend_name,  # type: ignore[arg-type]
+                              device=str(loaded.device), precision=loaded.precision,
+                              calibration_precision=cal.precision if cal.is_fitted else None)
+        if cal.is_fitted and cal.precision != loaded.precision:
+            logger.warning("serving in %s a model calibrated in %s: its thresholds were fitted on %s passes, so "
+                           "answers may differ slightly from the calibration report's (SNODEVIT_PRECISION=%s "
+                           "matches them)", loaded.precision, cal.precision, cal.precision, cal.precision)
         self.num_classes = len(loaded.class_names)
         self.alphas = sorted(float(a) for a in loaded.calibration.conformal_thresholds)
         self.calibration_figures = _calibration_figures(loaded)
@@ -147,7 +154,8 @@ class Engine:
         """
         executor = inference_executor()
         try:
-            loaded = executor.submit(open_model, path, backend=settings.backend, device=settings.device).result()
+            loaded = executor.submit(open_model, path, backend=settings.backend, device=settings.device,
+                                     precision=settings.precision).result()
         except BaseException:
             executor.shutdown(wait=False)
             raise

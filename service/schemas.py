@@ -88,6 +88,11 @@ class ModelInfo(BaseModel):
     version: str = Field(description="first 12 hex digits of the weights' SHA-256")
     backend: Literal["torch", "onnx"]
     device: str
+    precision: Literal["fp32", "bf16"] = Field(description="what the forward passes run in (SNODEVIT_PRECISION); "
+                                               "the uncertainty figures are always summed in fp32")
+    calibration_precision: Literal["fp32", "bf16"] | None = Field(
+        None, description="the precision the stored calibration was fitted in; when it differs from precision, "
+        "the thresholds were fitted on slightly different numbers. None: the model is not calibrated")
 
 
 class Timing(BaseModel):

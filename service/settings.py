@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from snodevit.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from snodevit.precision import PRECISIONS
 
 
 def _torch_threads() -> int:
@@ -30,6 +31,7 @@ class ServiceSettings:
     model: str = "snodevit-mnist:latest"  # BentoML model store tag of the model to serve
     backend: BackendName = "torch"  # "torch" (PyTorch) or "onnx" (ONNX Runtime on the stored model.onnx)
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda[:i]"
+    precision: str = "auto"  # "fp32", "bf16" (autocast) or "auto": bf16 where the device has native bf16 (torch only)
     num_samples: int = 32  # Monte Carlo samples per image when a request does not say
     max_num_samples: int = 256  # the most samples one request may ask for
     auto_max_samples: int = 32  # the most samples num_samples="auto" draws for one image (adaptive sampling)
@@ -51,6 +53,8 @@ class ServiceSettings:
             raise ValueError(f"{ENV_PREFIX}MODEL must name a model in the BentoML store, e.g. snodevit-mnist:latest")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"{ENV_PREFIX}PRECISION must be one of {list(PRECISIONS)}, got {self.precision!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.type in ("int", "float") and not value > 0:

@@ -228,7 +228,7 @@ class _Runner:
             seeds = list(range(self.cfg.seed + start, self.cfg.seed + start + len(x)))
             noise = draw_noise(backend, seeds, num_samples, device=x.device, dtype=x.dtype)
             with torch.no_grad():
-                out = sample_in_passes(backend, x, noise, features=features)
+                out = sample_in_passes(backend, x, noise, features=features, precision=self.loaded.precision)
             self.bar.update(len(x))
             yield out if isinstance(out, tuple) else (out,)
 
@@ -704,6 +704,7 @@ def calibrate_model(loaded: LoadedModel, bundle: DatasetBundle, cfg: CalibrateCo
     inference_seconds = time.perf_counter() - started
 
     fitted, rule = _fit(passes.calibration, cfg, density)
+    fitted = dataclasses.replace(fitted, precision=loaded.precision)  # the passes the figures were fitted on
     test_one = _Pass(passes.test.logits, passes.test.labels).scale(1.0)
     passes.test.scale(fitted.temperature)
     passes.pixel_noise.scale(fitted.temperature)

@@ -40,6 +40,8 @@ from torch import Tensor
 
 from calibration.density import FeatureDensity
 
+from .precision import Precision, autocast, resolve_precision
+
 MAX_SEED = 2**63 - 1
 AUTO = "auto"  # num_samples value that asks for adaptive sampling
 NumSamples = int | Literal["auto"]
@@ -205,6 +207,12 @@ class OodGate:
                 f"to send {self.review_rate:.1%} of in-distribution images to review)")
 
 
+def _precision_from_json(value: Any) -> Precision:
+    if value not in get_args(Precision):
+        raise ValueError(f"calibration precision must be one of {list(get_args(Precision))}, got {value!r}")
+    return value  # type: ignore[no-any-return]
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Post-hoc calibration fitted by `snodevit calibrate`, stored with the model and applied by ``predict``.
@@ -223,6 +231,7 @@ class Calibration:
     decision_threshold: float | None = None  # accept when confidence >= it (epistemic <= it); None: all; +-inf: none
     target_risk: float | None = None  # error rate among accepted images the threshold was fitted for
     ood_gate: OodGate | None = None  # out-of-distribution gate, checked before the confidence rule; None: no gate
+    precision: Precision = "fp32"  # the precision of the forward passes these figures were fitted on
 
     @property
     def is_fitted(self) -> bool:
@@ -246,6 +255,8 @@ class Calibration:
                "decision_score": self.decision_score, "decision_threshold": decision, "target_risk": self.target_risk}
         if self.ood_gate is not None:  # files of models without a gate stay as they were
             out["ood_gate"] = self.ood_gate.to_dict()
+        if self.is_fitted:
+            out["precision"] = self.precision
         return out
 
     @classmethod
@@ -265,7 +276,8 @@ class Calibration:
                    decision_score=str(data.get("decision_score", "confidence")),
                    decision_threshold=None if decision is None else _threshold_from_json(decision, "decision_threshold"),
                    target_risk=None if data.get("target_risk") is None else float(data["target_risk"]),
-                   ood_gate=None if not data.get("ood_gate") else OodGate.from_dict(data["ood_gate"]))
+                   ood_gate=None if not data.get("ood_gate") else OodGate.from_dict(data["ood_gate"]),
+                   precision=_precision_from_json(data.get("precision", "fp32")))
 
     def threshold_for(self, alpha: float) -> float:
         """Conformal threshold fitted for ``alpha`` (a key of ``conformal_thresholds``).
@@ -346,6 +358,7 @@ class Prediction:
     ood_score: Tensor | None = None  # (B,) float64 gate score, None without a gate
     out_of_distribution: Tensor | None = None  # (B,) bool: the gate fired, None without a gate
     ood_gate: OodGate | None = None  # the gate that made ``ood_score`` and ``out_of_distribution``
+    precision: Precision = "fp32"  # what the forward passes ran in (the figures are fp32 whatever it is)
 
 
 def _entropy(p: Tensor) -> Tensor:
@@ -414,7 +427,8 @@ CPU_ROWS_PER_PASS = 64
 
 
 def sample_in_passes(backend: SamplingBackend, images: Tensor, noise: Tensor, *, attention: bool = False,
-                     features: bool = False, max_rows: int | None = None) -> Tensor | tuple[Tensor, ...]:
+                     features: bool = False, max_rows: int | None = None,
+                     precision: Precision = "fp32") -> Tensor | tuple[Tensor, ...]:
     """``backend.sample_logits(images, noise=noise)`` in passes of at most ``max_rows`` images x samples.
 
     Each pass folds its samples into the batch with the prefix computed once per image; images are split first,
@@ -427,11 +441,20 @@ def sample_in_passes(backend: SamplingBackend, images: Tensor, noise: Tensor, *,
         attention: also return the applied attention (S, B, depth, N, N).
         features: also return the pooled features of the OOD gate (S, B, G, D).
         max_rows: the most rows per pass; None: ``CPU_ROWS_PER_PASS`` on a CPU, everything at once elsewhere.
+        precision: "fp32", or "bf16" to run the passes under bf16 autocast (``snodevit.precision``; already
+            resolved, so never "auto").
 
     Returns:
         Logits (S, B, classes) [, attention] [, features], as one ``sample_logits`` call would give them (up to
-        float32 rounding when the passes differ in shape).
+        float32 rounding when the passes differ in shape), always in fp32.
     """
+    with autocast(precision, images.device):
+        out = _sample_in_passes(backend, images, noise, attention, features, max_rows)
+    return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+
+
+def _sample_in_passes(backend: SamplingBackend, images: Tensor, noise: Tensor, attention: bool, features: bool,
+                      max_rows: int | None) -> Tensor | tuple[Tensor, ...]:
     s, b = noise.shape[:2]
     if max_rows is None:
         max_rows = CPU_ROWS_PER_PASS if images.device.type == "cpu" else s * b
@@ -614,16 +637,18 @@ def settled(logit_samples: Tensor, calibration: Calibration, rule: AdaptiveSampl
 
 
 def _run_passes(backend: SamplingBackend, images: Tensor, noise: Tensor, cal: Calibration,
-                attention: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Logits (S, B, C), attention or None, and the gate features (S, B, G, D) or None, of one set of passes."""
-    out = sample_in_passes(backend, images, noise, attention=attention, features=cal.needs_features)
+                attention: bool, precision: Precision) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Logits (S, B, C), attention or None, and the gate features (S, B, G, D) or None, of one set of passes;
+    all fp32 whatever the passes ran in, so every figure computed from them is summed in fp32 or wider."""
+    out = sample_in_passes(backend, images, noise, attention=attention, features=cal.needs_features,
+                           precision=precision)
     outs = out if isinstance(out, tuple) else (out,)
     return outs[0], (outs[1] if attention else None), (outs[-1] if cal.needs_features else None)
 
 
 def _adaptive_logits(backend: SamplingBackend, images: Tensor, noise: Tensor, cal: Calibration,
-                     rule: AdaptiveSampling,
-                     attention: bool) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+                     rule: AdaptiveSampling, attention: bool,
+                     precision: Precision) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
     """Sample in rounds, dropping settled images. Returns logits (S_max, B, C) with NaN where unused, the
     attention (S_max, B, depth, N, N) or None, the gate features (S_max, B, G, D) or None, and the samples used
     per image (B,)."""
@@ -636,7 +661,8 @@ def _adaptive_logits(backend: SamplingBackend, images: Tensor, noise: Tensor, ca
     start = 0
     for end in rule.rounds():
         sel = active.to(images.device)
-        part, part_attn, part_feats = _run_passes(backend, images[sel], noise[start:end][:, sel], cal, attention)
+        part, part_attn, part_feats = _run_passes(backend, images[sel], noise[start:end][:, sel], cal, attention,
+                                                  precision)
         if logits is None:
             logits = part.new_full((rule.max_samples, b, part.shape[-1]), math.nan)
         logits[start:end, sel] = part
@@ -697,7 +723,7 @@ def _check_num_samples(num_samples: object) -> None:
 def predict(backend: SamplingBackend, images: Tensor, *, num_samples: NumSamples,
             seed: int | Sequence[int] | None = None, calibration: Calibration | None = None,
             alpha: float | None = None, attention: bool = False, pool: str = "cls",
-            adaptive: AdaptiveSampling | None = None) -> Prediction:
+            adaptive: AdaptiveSampling | None = None, precision: str = "fp32") -> Prediction:
     """Monte Carlo prediction with calibrated, decomposed uncertainty for a batch of preprocessed images.
 
     Args:
@@ -711,12 +737,15 @@ def predict(backend: SamplingBackend, images: Tensor, *, num_samples: NumSamples
         attention: also compute attention maps and rollout (uses the explicit attention path).
         pool: the model's pooling, which decides whose attention row the maps show.
         adaptive: the stopping rule of ``num_samples="auto"``; None uses ``AdaptiveSampling()``.
+        precision: "fp32", "bf16" (autocast; the torch backend only) or "auto" (``snodevit.precision``: bf16 where
+            the device multiplies bf16 natively). The samples are cast back to fp32 before they are summarised.
 
     Returns:
         A ``Prediction`` for the batch; ``num_samples`` says how many samples each image used.
 
     Raises:
-        ValueError: a bad ``num_samples``, seed or alpha, or ``adaptive`` given with an integer ``num_samples``.
+        ValueError: a bad ``num_samples``, seed, alpha or precision (bf16 of a backend other than the torch
+            model), or ``adaptive`` given with an integer ``num_samples``.
     """
     from calibration.conformal import prediction_sets
 
@@ -724,11 +753,13 @@ def predict(backend: SamplingBackend, images: Tensor, *, num_samples: NumSamples
     if adaptive is not None and num_samples != AUTO:
         raise ValueError(f"adaptive is the rule of num_samples='auto'; got num_samples={num_samples!r}")
     cal = calibration or Calibration()
+    used_precision = resolve_precision(precision, images.device,
+                                       "torch" if isinstance(backend, torch.nn.Module) else "onnx")
     seeds = resolve_seeds(seed, images.shape[0])
     if num_samples == AUTO:
         rule = adaptive or AdaptiveSampling()
         noise = draw_noise(backend, seeds, rule.max_samples, device=images.device, dtype=images.dtype)
-        logits, attn, feats, used = _adaptive_logits(backend, images, noise, cal, rule, attention)
+        logits, attn, feats, used = _adaptive_logits(backend, images, noise, cal, rule, attention, used_precision)
         logits = logits[:int(used.max())]
         if attn is not None:
             attn = attn[:int(used.max())]
@@ -739,7 +770,7 @@ def predict(backend: SamplingBackend, images: Tensor, *, num_samples: NumSamples
     else:
         assert isinstance(num_samples, int)
         noise = draw_noise(backend, seeds, num_samples, device=images.device, dtype=images.dtype)
-        logits, attn, feats = _run_passes(backend, images, noise, cal, attention)
+        logits, attn, feats = _run_passes(backend, images, noise, cal, attention, used_precision)
         summary = summarize(logits, cal.temperature)
         counts = [num_samples] * images.shape[0]
         ood_score = None if cal.ood_gate is None else cal.ood_gate.image_scores(logits, feats, cal.temperature)
@@ -759,4 +790,5 @@ def predict(backend: SamplingBackend, images: Tensor, *, num_samples: NumSamples
         else:
             maps, rollout = attention_maps(attn, pool)
     return Prediction(summary, logits, seeds, sets, used_alpha, accept, reasons, counts, maps, rollout,
-                      reason_codes=codes, ood_score=ood_score, out_of_distribution=flagged, ood_gate=cal.ood_gate)
+                      reason_codes=codes, ood_score=ood_score, out_of_distribution=flagged, ood_gate=cal.ood_gate,
+                      precision=used_precision)

@@ -16,6 +16,7 @@ from .checkpoint import CheckpointError, load_model, read_meta
 from .config import SNodeViTConfig
 from .images import Preprocessing
 from .inference import Calibration, Prediction, SamplingBackend, predict
+from .precision import Precision, resolve_precision
 
 BackendName = Literal["torch", "onnx"]
 
@@ -34,14 +35,16 @@ class LoadedModel:
     weights_sha256: str
     source: str  # path it was loaded from
     meta: dict[str, Any]
+    precision: Precision = "fp32"  # what its forward passes run in (``snodevit.precision``)
 
     @property
     def version(self) -> str:
         return self.weights_sha256[:12]
 
     def predict(self, images: torch.Tensor, **kwargs: Any) -> Prediction:
-        """``snodevit.predict`` with this model's calibration and pooling."""
+        """``snodevit.predict`` with this model's calibration, pooling and precision."""
         kwargs.setdefault("calibration", self.calibration)
+        kwargs.setdefault("precision", self.precision)
         kwargs.setdefault("pool", self.cfg.pool)
         return predict(self.backend, images.to(self.device), **kwargs)
 
@@ -54,14 +57,21 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def open_model(path: str | Path, backend: BackendName = "torch", device: str = "auto") -> LoadedModel:
+def open_model(path: str | Path, backend: BackendName = "torch", device: str = "auto",
+               precision: str = "fp32") -> LoadedModel:
     """Open a model directory (torch) or an exported .onnx file / a directory holding ``model.onnx`` (onnx).
+
+    ``precision`` ("fp32", "bf16" or "auto", see ``snodevit.precision``) is what its ``predict`` runs in; the
+    CLI and the service default to "auto".
 
     Raises:
         CheckpointError: the path holds no usable model for that backend.
+        ValueError: an unknown backend, device or precision, or bf16 with the onnx backend.
     """
     path = Path(path)
     dev = _resolve_device(device)
+    if backend in ("torch", "onnx"):
+        resolve_precision(precision, dev, backend)  # a bad setting fails before the weights are read
     if backend == "torch":
         if path.suffix == ".onnx":
             raise CheckpointError(f"{path} is an ONNX file; use backend 'onnx' for it")
@@ -70,7 +80,7 @@ def open_model(path: str | Path, backend: BackendName = "torch", device: str = "
             raise CheckpointError(f"{path}/meta.json lacks class_names/preprocessing; was it written by snodevit train?")
         return LoadedModel(model, "torch", dev, model.cfg, list(meta["class_names"]),
                            Preprocessing.from_dict(meta["preprocessing"]), Calibration.from_dict(meta.get("calibration")),
-                           str(meta.get("weights_sha256", "")), str(path), meta)
+                           str(meta.get("weights_sha256", "")), str(path), meta, resolve_precision(precision, dev))
     if backend == "onnx":
         from export.runtime import OnnxPredictor
 
@@ -81,7 +91,8 @@ def open_model(path: str | Path, backend: BackendName = "torch", device: str = "
         dev = str(pred.device)
         return LoadedModel(pred, "onnx", dev, pred.cfg, list(pred.class_names), pred.preprocessing,
                            pred.calibration, pred.weights_sha256, str(onnx_path),
-                           _meta_beside(onnx_path, pred.weights_sha256, pred.calibration))
+                           _meta_beside(onnx_path, pred.weights_sha256, pred.calibration),
+                           resolve_precision(precision, dev, "onnx"))
     raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
 
 

@@ -452,7 +452,7 @@ def plan_output(out: str | os.PathLike[str], *, resume: bool = False, overwrite:
 def run_header(loaded: LoadedModel, settings: ScoreSettings, inputs: Sequence[str],
                labels_file: str | None) -> dict[str, Any]:
     """The settings a partial file is bound to; a resume must present the same ones."""
-    return {"model_sha256": loaded.weights_sha256, "backend": loaded.backend_name,
+    return {"model_sha256": loaded.weights_sha256, "backend": loaded.backend_name, "precision": loaded.precision,
             "class_names": list(loaded.class_names), "num_samples": settings.num_samples, "seed": settings.seed,
             "top_k": settings.top_k, "alpha": settings.alpha, "max_bytes": settings.max_bytes,
             "max_pixels": settings.max_pixels, "inputs": list(inputs),

@@ -33,22 +33,21 @@ from tqdm.auto import tqdm
 
 from .checkpoint import save_model
 from .model import SNodeViT
+from .precision import PRECISIONS, cpu_has_bf16
 
 log = logging.getLogger(__name__)
 
 _SYNC_EVERY = 16  # optimiser steps between reads of the running loss (and the divergence check) on the host
 #: Grid sides of the SDE-Net perturbation noise as fractions of the image side (28 px: 1, 2, 4, 7 and 28 cells).
 OOD_NOISE_SCALES: tuple[float, ...] = (0.0, 1 / 14, 1 / 7, 1 / 4, 1.0)
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has native bf16 dot products (AVX512-BF16 or AMX) that oneDNN uses."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether training autocasts to bf16; raises ValueError for bf16 on a CPU without native bf16 support."""
+    """Whether training autocasts to bf16; raises ValueError for bf16 on a CPU without native bf16 support.
+
+    Stricter than inference (``snodevit.precision.resolve_precision``): emulated bf16 would make hours of
+    training slower, so training refuses it; ``auto`` trains in bf16 on CUDA only.
+    """
     if precision == "fp32":
         return False
     if device.type == "cuda":

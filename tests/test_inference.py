@@ -84,7 +84,7 @@ def test_files_written_before_keep_their_infinities() -> None:
         cal = Calibration.from_dict(data)
         assert cal.decision_threshold == math.inf and cal.conformal_thresholds == {"0.1": math.inf}
         assert _strict(json.dumps(cal.to_dict(), allow_nan=False)) == {**old, "conformal_thresholds": {
-            "0.1": "Infinity"}, "decision_threshold": "Infinity"}
+            "0.1": "Infinity"}, "decision_threshold": "Infinity", "precision": "fp32"}  # files before it: fp32
     assert Calibration.from_dict({"decision_threshold": "-inf"}).decision_threshold == -math.inf
 
 

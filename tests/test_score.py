@@ -475,3 +475,30 @@ def test_rows_carry_the_gate_and_agree_with_the_service_path(tmp_path: Path,
             assert (row["decision"], row["reason_code"], row["out_of_distribution"]) == \
                 ("review", "out_of_distribution", True), name
     assert sum(not r["out_of_distribution"] for n, r in rows.items() if n.startswith("digit")) >= 5
+
+
+# --------------------------------------------------------------------------------------------- precision
+def test_bf16_scoring_gives_the_bf16_answers_and_records_its_precision(
+        tmp_path: Path, model_dir: Path, digits: tuple[torch.Tensor, torch.Tensor],
+        capsys: pytest.CaptureFixture) -> None:
+    paths = _write_digits(tmp_path / "in", digits, range(3))
+    out = tmp_path / "out.jsonl"
+    assert _score(*paths, "--model", model_dir, "--out", out, "--num-samples", 4, "--precision", "bf16", "--json",
+                  *QUIET) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["precision"] == "bf16"
+    for row in _jsonl(out):
+        loaded = open_model(model_dir, device="cpu", precision="bf16")
+        x = preprocess(load_image_file(Path(row["path"])), loaded.preprocessing)
+        ref = prediction_records(loaded.predict(x[None], num_samples=4, seed=0), loaded.class_names, 3)[0]
+        assert row["label"] == ref["label"] and row["confidence"] == pytest.approx(ref["confidence"], abs=1e-6)
+
+
+def test_bf16_with_the_onnx_backend_is_a_usage_error(tmp_path: Path, model_dir: Path,
+                                                     digits: tuple[torch.Tensor, torch.Tensor],
+                                                     capsys: pytest.CaptureFixture) -> None:
+    paths = _write_digits(tmp_path / "in", digits, range(1))
+    code = _score(*paths, "--model", model_dir, "--out", tmp_path / "o.csv", "--backend", "onnx", "--precision",
+                  "bf16", *QUIET)
+    err = capsys.readouterr().err
+    assert code == 2 and "precision 'bf16' applies to the torch backend" in err and "Traceback" not in err
+    assert not (tmp_path / "o.csv").exists() and not (tmp_path / "o.csv.partial").exists()

@@ -79,6 +79,8 @@ def test_classify_multipart_and_raw_give_the_same_answer(client) -> None:
     a = multipart.json()
     assert without_timing(a) == without_timing(raw.json()) == without_timing(octets.json())
     assert len(a["top_k"]) == 5 and a["seed"] == 21 and a["model"]["name"] == "snodevit-test"
+    # the test run pins SNODEVIT_PRECISION=fp32 (tests/conftest.py); the test model was calibrated in fp32
+    assert a["model"]["precision"] == "fp32" and a["model"]["calibration_precision"] == "fp32"
     assert set(a) == {"label", "class_index", "confidence", "top_k", "uncertainty", "prediction_set", "alpha",
                       "decision", "reason_code", "reason", "ood", "seed", "num_samples", "model", "timing"}
     assert set(a["ood"]) == {"score", "threshold", "out_of_distribution", "score_name"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable
 
@@ -16,6 +17,15 @@ def add_json_flag(p: argparse.ArgumentParser) -> None:
 
 def add_device_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
+
+
+def add_precision_flag(p: argparse.ArgumentParser) -> None:
+    from ..precision import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default=os.environ.get("SNODEVIT_PRECISION", "auto"),
+                   help="forward passes in fp32 or bf16 autocast; auto: bf16 where the device multiplies bf16 "
+                        "natively (CUDA, AVX512-BF16/AMX CPUs), else fp32. The onnx backend is fp32. "
+                        "Default: $SNODEVIT_PRECISION, else auto")
 
 
 def resolve_device(name: str) -> torch.device:

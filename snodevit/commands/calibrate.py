@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ._common import add_device_flag, add_json_flag, emit, positive_int
+from ._common import add_device_flag, add_json_flag, add_precision_flag, emit, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a small run for tests: 4 samples, at most 200 images per set, 3 angles, 64 OOD images, "
                    "600 training images for the gate")
     add_device_flag(p)
+    add_precision_flag(p)
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     from ..loading import open_model
 
     _check_args(args)
-    loaded = open_model(args.model, "torch", args.device)  # CheckpointError (exit 2) when it is not a model
+    loaded = open_model(args.model, "torch", args.device, args.precision)  # CheckpointError (exit 2) when it is not a model
     bundle = load_dataset(args.data, image_size=loaded.preprocessing.image_size)
     options: dict[str, Any] = dict(alphas=tuple(args.alphas), target_risk=args.target_risk,
                                    decision_score=args.decision_score, conformal_score=args.conformal_score,

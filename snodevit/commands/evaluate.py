@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from ..data import load_dataset
 from ..loading import open_model
-from ._common import add_json_flag, emit, positive_int
+from ._common import add_json_flag, add_precision_flag, emit, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     p.add_argument("--device", default="auto")
+    add_precision_flag(p)
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -47,7 +48,7 @@ def collect(loaded, dataset, num_samples: int, seed: int, batch_size: int, progr
 
 
 def run(args: argparse.Namespace) -> int:
-    loaded = open_model(args.model, args.backend, args.device)
+    loaded = open_model(args.model, args.backend, args.device, args.precision)
     bundle = load_dataset(args.data, image_size=loaded.preprocessing.image_size)
     if bundle.preprocessing.channels != loaded.cfg.in_channels:
         raise ValueError(f"data set {args.data} has {bundle.preprocessing.channels} channels, the model expects "
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     acc = (probs.argmax(-1) == labels).float().mean().item()
     nll = torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
     figures = {"model": args.model, "data": args.data, "split": args.split, "images": len(labels),
-               "num_samples": args.num_samples, "backend": args.backend, "accuracy": acc, "nll": nll,
+               "num_samples": args.num_samples, "backend": args.backend, "precision": loaded.precision,
+               "accuracy": acc, "nll": nll,
                "temperature": loaded.calibration.temperature,
                "mean_total_uncertainty": r["total"].mean().item(),
                "mean_aleatoric_uncertainty": r["aleatoric"].mean().item(),

@@ -35,7 +35,7 @@ from typing import Any
 
 from ..cli import CLIError, EXIT_USAGE
 from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from ._common import add_device_flag, add_json_flag, emit, non_negative_int, positive_int, resolve_device
+from ._common import add_device_flag, add_json_flag, add_precision_flag, emit, non_negative_int, positive_int, resolve_device
 
 
 def _num_samples(text: str) -> int | str:
@@ -67,6 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "folder, labels are class names); overrides image-folder labels")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     add_device_flag(p)
+    add_precision_flag(p)
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--num-samples", type=_num_samples, default=8,
                    help="Monte Carlo samples per image, or 'auto': rounds of 8 until the label, decision and "
@@ -96,7 +97,7 @@ def _open(args: argparse.Namespace) -> Any:
 
     device = str(resolve_device(args.device))
     try:
-        return open_model(args.model, args.backend, device)
+        return open_model(args.model, args.backend, device, args.precision)
     except CheckpointError as err:
         raise CLIError(f"--model {args.model}: {err}") from None
     except ImportError as err:
