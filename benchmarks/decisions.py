@@ -166,8 +166,8 @@ def goals(rows: dict[str, dict[str, float | None]]) -> dict[str, dict[str, Any]]
     return out
 
 
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.1f} %"
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "–" if v is None else f"{100 * v:.{digits}f} %"
 
 
 def render(result: dict[str, Any]) -> str:
@@ -191,7 +191,7 @@ def render(result: dict[str, Any]) -> str:
                      f"{_pct(row['review_low_confidence'])} |" + (f" {_pct(agree)} |" if agree is not None else ""))
     lines += ["", "## Goals", "", "| goal | target | measured | met |", "|---|---|---:|---|"]
     for name, g in result["goals"].items():
-        lines.append(f"| {name} | {g['goal']} | {_pct(g['measured'])} | {'yes' if g['met'] else '**no**'} |")
+        lines.append(f"| {name} | {g['goal']} | {_pct(g['measured'], 2)} | {'yes' if g['met'] else '**no**'} |")
     lines += ["", "![decisions under rotation](decisions_under_shift_rotation.png)", "",
               "![decisions per set](decisions_under_shift_sets.png)", ""]
     return "\n".join(lines)
