@@ -446,10 +446,12 @@ def sample_in_passes(backend: SamplingBackend, images: Tensor, noise: Tensor, *,
 
     Returns:
         Logits (S, B, classes) [, attention] [, features], as one ``sample_logits`` call would give them (up to
-        float32 rounding when the passes differ in shape), always in fp32.
+        float32 rounding when the passes differ in shape); in fp32 after bf16 passes.
     """
     with autocast(precision, images.device):
         out = _sample_in_passes(backend, images, noise, attention, features, max_rows)
+    if precision == "fp32":  # the backend's own dtype (float64 models stay float64)
+        return out
     return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
 
