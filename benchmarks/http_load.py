@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -63,7 +64,8 @@ async def closed_loop(send: Send, concurrency: int, requests: int, warmup: int) 
     """``concurrency`` workers call ``send`` back to back; the first ``warmup`` calls are not measured.
 
     Returns:
-        requests, requests_per_s over the measured part, latency percentiles, mean batch size, statuses.
+        requests, requests_per_s over the measured part, latency percentiles, mean batch size, statuses, and the
+        measured latencies themselves (``latencies_ms``, in completion order).
     """
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
@@ -91,7 +93,8 @@ async def closed_loop(send: Send, concurrency: int, requests: int, warmup: int) 
     return {"concurrency": concurrency, "requests": len(latencies),
             "requests_per_s": len(latencies) / wall if wall > 0 else 0.0, **latency_figures(latencies),
             "mean_batch_size": statistics.fmean(batch_sizes) if batch_sizes else float("nan"),
-            "statuses": {str(k): v for k, v in sorted(statuses.items())}}
+            "statuses": {str(k): v for k, v in sorted(statuses.items())},
+            "latencies_ms": [1000.0 * t for t in latencies]}
 
 
 async def http_load(url: str, image: bytes, num_samples: int | str, concurrency: int, requests: int,
@@ -268,26 +271,10 @@ def engine_load(model_dir: str, tag: str, backend: str, threads: int, image: byt
     import torch
     from tqdm.auto import tqdm
 
-    from service.engine import Engine
-    from service.errors import ServiceError
-    from service.settings import ServiceSettings
-
-    torch.set_num_threads(threads)
-    settings = ServiceSettings(model=tag, num_samples=num_samples, backend=backend,  # type: ignore[arg-type]
-                               precision="fp32")  # as the bench's servers: SNODEVIT_PRECISION=fp32
-    engine = Engine.open(model_dir, settings, name="snodevit-bench", tag=tag)
+    start_engine(model_dir, tag, backend, threads, num_samples)
+    engine = _ENGINE
     try:
-        engine.warm_up()
-        params = engine.check(num_samples=num_samples, seed=0, top_k=3, alpha=None)
-
-        async def send() -> tuple[int, int | None]:
-            try:
-                answers, _ = await engine.classify([image], params, endpoint="bench")
-            except ServiceError as err:
-                return err.status, None
-            return 200, answers[0][1].batch_size
-
-        rows = [asyncio.run(closed_loop(send, c, n, w))
+        rows = [engine_round(image, num_samples, c, n, w)
                 for c, n, w in tqdm(levels, desc=f"in-process engine ({backend})", disable=not progress,
                                     dynamic_ncols=True)]
         prep = engine.loaded.preprocessing
@@ -306,6 +293,45 @@ def engine_load(model_dir: str, tag: str, backend: str, threads: int, image: byt
     finally:
         engine.close()
     return {"closed_loop": rows, "bare_predict": bare}
+
+
+# ------------------------------------------------------------------------- a persistent in-process engine
+
+_ENGINE: Any = None  # the engine of a worker process started with ``start_engine``
+
+
+def start_engine(model_dir: str, tag: str, backend: str, threads: int, num_samples: int) -> None:
+    """Open and warm the service engine of this (fresh, spawned) process for :func:`engine_round`: the
+    ``ProcessPoolExecutor`` initializer of the bench's alternated concurrency-1 rounds, and the start of
+    :func:`engine_load`."""
+    import torch
+
+    from service.engine import Engine
+    from service.settings import ServiceSettings
+
+    global _ENGINE
+    torch.set_num_threads(threads)
+    settings = ServiceSettings(model=tag, num_samples=num_samples, backend=backend,  # type: ignore[arg-type]
+                               precision="fp32")
+    _ENGINE = Engine.open(model_dir, settings, name="snodevit-bench", tag=tag)
+    _ENGINE.warm_up()
+
+
+def engine_round(image: bytes, num_samples: int, concurrency: int, requests: int, warmup: int) -> dict:
+    """One closed-loop level against the engine of :func:`start_engine` (everything but HTTP)."""
+    from service.errors import ServiceError
+
+    engine = _ENGINE
+    params = engine.check(num_samples=num_samples, seed=0, top_k=3, alpha=None)
+
+    async def send() -> tuple[int, int | None]:
+        try:
+            answers, _ = await engine.classify([image], params, endpoint="bench")
+        except ServiceError as err:
+            return err.status, None
+        return 200, answers[0][1].batch_size
+
+    return asyncio.run(closed_loop(send, concurrency, requests, warmup))
 
 
 def main(argv: list[str] | None = None) -> int:

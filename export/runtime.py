@@ -80,18 +80,21 @@ class OnnxPredictor:
         has_attention: whether the graph has the ``attention`` output.
     """
 
-    def __init__(self, path: str | Path, *, device: str = "auto", intra_op_threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, *, device: str = "auto", intra_op_threads: int | None = None,
+                 graph_optimization: str = "all") -> None:
         """Open ``path`` with ONNX Runtime.
 
         Args:
             path: an ``.onnx`` file written by ``export_onnx``.
             device: "auto" (CUDA when usable, else CPU), "cpu", "cuda" or "cuda:N".
             intra_op_threads: CPU threads of one inference; None uses the physical cores.
+            graph_optimization: ONNX Runtime's graph optimisation level: "disable", "basic", "extended" or
+                "all" (the default; ``make bench`` compares them).
 
         Raises:
             FileNotFoundError: no such file.
             OnnxModelError: an empty, truncated, corrupt or foreign file (the message names it and the problem).
-            ValueError: an unknown device, or CUDA asked for where it is not available.
+            ValueError: an unknown device or optimisation level, or CUDA asked for where it is not available.
         """
         import onnxruntime as ort
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
@@ -101,8 +104,14 @@ class OnnxPredictor:
         self.device = _resolve_device(device)
         if intra_op_threads is not None and intra_op_threads < 1:
             raise ValueError(f"intra_op_threads must be >= 1, got {intra_op_threads}")
+        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        if graph_optimization not in levels:
+            raise ValueError(f"graph_optimization must be one of {list(levels)}, got {graph_optimization!r}")
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.graph_optimization_level = levels[graph_optimization]
         opts.intra_op_num_threads = intra_op_threads or physical_cores()
         opts.inter_op_num_threads = 1  # the graph is a chain of blocks: nothing to run in parallel
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
