@@ -28,7 +28,7 @@ IOBinding when present) against the GPU's own fp32 and bf16 matmul ceilings; CPU
 
 Usage::
 
-    python benchmarks/bench.py --out benchmarks                       # make bench (about 25 minutes on 2 cores)
+    python benchmarks/bench.py --out benchmarks                       # make bench (about 30 minutes on 2 cores)
     python benchmarks/bench.py --quick --out runs/bench-quick         # seconds; what tests/test_bench.py runs
     PYTHONPATH=. python benchmarks/bench.py --device cuda --no-http --out runs/bench-gpu
 """
