@@ -327,22 +327,8 @@ def int8_decisions(quick: bool, workdir: Path, progress: bool) -> dict[str, Any]
                                seed=list(range(i, min(i + chunk, n_images))), calibration=backend.calibration)
                        for i in tqdm(range(0, n_images, chunk), desc=f"ONNX Runtime {name}", disable=not progress,
                                      dynamic_ncols=True)]
-    probs = {k: torch.cat([p.summary.probs for p in v]) for k, v in preds.items()}
-    accept = {k: torch.cat([p.accept for p in v]) for k, v in preds.items()}
-    flags = {k: torch.cat([p.out_of_distribution for p in v]) for k, v in preds.items()
-             if v[0].out_of_distribution is not None}
-    codes = {k: sum((p.reason_codes for p in v), []) for k, v in preds.items()}
-    label = {k: v.argmax(-1) for k, v in probs.items()}
-    same = (label["fp32"] == label["int8"]) & (accept["fp32"] == accept["int8"]) \
-        & torch.tensor([a == b for a, b in zip(codes["fp32"], codes["int8"])])
     return {"model": "models/snodevit-mnist", "images": n_images, "num_samples": num_samples,
-            "same_decisions": float(same.double().mean()), "changed": int((~same).sum()),
-            "changed_labels": int((label["fp32"] != label["int8"]).sum()),
-            "changed_accept": int((accept["fp32"] != accept["int8"]).sum()),
-            "changed_ood_flags": int((flags["fp32"] != flags["int8"]).sum()) if len(flags) == 2 else None,
-            "max_prob_diff": float((probs["fp32"] - probs["int8"]).abs().max()),
-            "accuracy_fp32": float((label["fp32"] == labels).double().mean()),
-            "accuracy_int8": float((label["int8"] == labels).double().mean())}
+            **agreement(preds["fp32"], preds["int8"], labels, ("fp32", "int8"))}
 
 
 def threads_comparison(variant: Variant, cells: list[tuple[int, int]], threads: int,
@@ -818,29 +804,31 @@ def precision_section(model_arg: str | None, quick: bool, progress: bool) -> dic
                             for i in tqdm(range(0, n_images, chunk), desc=f"precision: {precision}",
                                           disable=not progress, dynamic_ncols=True)]
         seconds[precision] = time.perf_counter() - t0
-
-    def cat(name: str, key: Callable[[Any], torch.Tensor]) -> torch.Tensor:
-        return torch.cat([key(p).cpu() for p in preds[name]])
-
-    probs = {k: cat(k, lambda p: p.summary.probs) for k in preds}
-    accept = {k: cat(k, lambda p: p.accept) for k in preds}
-    label = {k: probs[k].argmax(-1) for k in preds}
-    codes = {k: sum((p.reason_codes for p in preds[k]), []) for k in preds}
-    gated = preds["fp32"][0].ood_score is not None
-    flags = {k: cat(k, lambda p: p.out_of_distribution) for k in preds} if gated else None
-    same = (accept["fp32"] == accept["bf16"]) & (label["fp32"] == label["bf16"]) \
-        & torch.tensor([a == b for a, b in zip(codes["fp32"], codes["bf16"])])
     return {"model": str(model_dir.relative_to(REPO) if model_dir.is_relative_to(REPO) else model_dir),
             "images": n_images, "num_samples": num_samples, "native_bf16": cpu_has_bf16(),
             "calibration_precision": loaded.calibration.precision,
-            "same_decisions": float(same.double().mean()), "changed": int((~same).sum()),
-            "changed_labels": int((label["fp32"] != label["bf16"]).sum()),
-            "changed_accept": int((accept["fp32"] != accept["bf16"]).sum()),
-            "changed_ood_flags": None if flags is None else int((flags["fp32"] != flags["bf16"]).sum()),
-            "max_prob_diff": float((probs["fp32"] - probs["bf16"]).abs().max()),
-            "accuracy_fp32": float((label["fp32"] == labels).double().mean()),
-            "accuracy_bf16": float((label["bf16"] == labels).double().mean()),
+            **agreement(preds["fp32"], preds["bf16"], labels, ("fp32", "bf16")),
             "seconds_fp32": seconds["fp32"], "seconds_bf16": seconds["bf16"]}
+
+
+def agreement(ref: list[Any], other: list[Any], labels: torch.Tensor, names: tuple[str, str]) -> dict[str, Any]:
+    """How two runs of ``predict`` over the same images (lists of per-chunk ``Prediction``) differ: the share of
+    answers with the same label, decision and reason, the changed labels / decisions / gate flags, the largest
+    probability difference, and each run's accuracy (keys ``accuracy_<name>``)."""
+    def cat(preds: list[Any], key: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+        return torch.cat([key(p).cpu() for p in preds])
+
+    probs = [cat(p, lambda x: x.summary.probs) for p in (ref, other)]
+    accept = [cat(p, lambda x: x.accept) for p in (ref, other)]
+    label = [p.argmax(-1) for p in probs]
+    codes = [sum((x.reason_codes for x in p), []) for p in (ref, other)]
+    flags = [cat(p, lambda x: x.out_of_distribution) for p in (ref, other)] if ref[0].ood_score is not None else None
+    same = (accept[0] == accept[1]) & (label[0] == label[1]) & torch.tensor([a == b for a, b in zip(*codes)])
+    return {"same_decisions": float(same.double().mean()), "changed": int((~same).sum()),
+            "changed_labels": int((label[0] != label[1]).sum()), "changed_accept": int((accept[0] != accept[1]).sum()),
+            "changed_ood_flags": None if flags is None else int((flags[0] != flags[1]).sum()),
+            "max_prob_diff": float((probs[0] - probs[1]).abs().max()),
+            **{f"accuracy_{n}": float((lab == labels).double().mean()) for n, lab in zip(names, label)}}
 
 
 # ============================================================================================ 5. goals
