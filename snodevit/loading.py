@@ -68,10 +68,13 @@ def open_model(path: str | Path, backend: BackendName = "torch", device: str = "
         CheckpointError: the path holds no usable model for that backend.
         ValueError: an unknown backend, device or precision, or bf16 with the onnx backend.
     """
+    if backend not in ("torch", "onnx"):
+        raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
     path = Path(path)
     dev = _resolve_device(device)
-    if backend in ("torch", "onnx"):
-        resolve_precision(precision, dev, backend)  # a bad setting fails before the weights are read
+    # resolved once, before the weights are read: the onnx backend is fp32 on any device, so the device ORT
+    # settles on below cannot change it
+    resolved = resolve_precision(precision, dev, backend)
     if backend == "torch":
         if path.suffix == ".onnx":
             raise CheckpointError(f"{path} is an ONNX file; use backend 'onnx' for it")
@@ -80,20 +83,16 @@ def open_model(path: str | Path, backend: BackendName = "torch", device: str = "
             raise CheckpointError(f"{path}/meta.json lacks class_names/preprocessing; was it written by snodevit train?")
         return LoadedModel(model, "torch", dev, model.cfg, list(meta["class_names"]),
                            Preprocessing.from_dict(meta["preprocessing"]), Calibration.from_dict(meta.get("calibration")),
-                           str(meta.get("weights_sha256", "")), str(path), meta, resolve_precision(precision, dev))
-    if backend == "onnx":
-        from export.runtime import OnnxPredictor
+                           str(meta.get("weights_sha256", "")), str(path), meta, resolved)
+    from export.runtime import OnnxPredictor
 
-        onnx_path = path / "model.onnx" if path.is_dir() else path
-        if not onnx_path.is_file():
-            raise CheckpointError(f"no ONNX graph at {onnx_path}; create one with `snodevit export`")
-        pred = OnnxPredictor(onnx_path, device=device)  # its "auto" also checks ORT's CUDA provider
-        dev = str(pred.device)
-        return LoadedModel(pred, "onnx", dev, pred.cfg, list(pred.class_names), pred.preprocessing,
-                           pred.calibration, pred.weights_sha256, str(onnx_path),
-                           _meta_beside(onnx_path, pred.weights_sha256, pred.calibration),
-                           resolve_precision(precision, dev, "onnx"))
-    raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+    onnx_path = path / "model.onnx" if path.is_dir() else path
+    if not onnx_path.is_file():
+        raise CheckpointError(f"no ONNX graph at {onnx_path}; create one with `snodevit export`")
+    pred = OnnxPredictor(onnx_path, device=device)  # its "auto" also checks ORT's CUDA provider
+    return LoadedModel(pred, "onnx", str(pred.device), pred.cfg, list(pred.class_names), pred.preprocessing,
+                       pred.calibration, pred.weights_sha256, str(onnx_path),
+                       _meta_beside(onnx_path, pred.weights_sha256, pred.calibration), resolved)
 
 
 def _meta_beside(onnx_path: Path, weights_sha256: str, calibration: Calibration) -> dict[str, Any]:
