@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from snodevit.commands._common import positive_int  # noqa: E402
+from snodevit.cli._common import positive_int
 from snodevit.machine import cpu_name  # noqa: E402
 
 # (row name, config overrides). ksvd-adaptive picks its rank from the token count: ceil(sqrt(N)) in [4, head_dim].
@@ -118,7 +118,7 @@ def resolved(cfg: Any) -> Any:
 
 
 def train_config(plan: Plan, seed: int) -> Any:
-    from snodevit.train import TrainConfig
+    from snodevit.training.train import TrainConfig
 
     # Quick runs load augmentation in the main process: a DataLoader worker costs more than it saves there.
     return TrainConfig(epochs=plan.epochs, seed=seed, num_workers=0 if plan.quick else 1)
@@ -162,8 +162,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """
     from snodevit import SNodeViT, SNodeViTConfig, load_model
     from snodevit.checkpoint import read_meta
-    from snodevit.data import load_dataset
-    from snodevit.train import TrainConfig, train_model
+    from snodevit.data.sets import load_dataset
+    from snodevit.training.train import TrainConfig, train_model
 
     torch.set_num_threads(job["threads"])
     out = Path(job["dir"])
@@ -321,7 +321,7 @@ def attention_figure(plan: Plan, results: list[dict[str, Any]], aliases: dict[st
     import matplotlib.pyplot as plt
 
     from snodevit import load_model, predict
-    from snodevit.data import load_dataset
+    from snodevit.data.sets import load_dataset
 
     bundle = load_dataset(DATA)
     image, label = bundle.test[MAP_IMAGE_INDEX]

@@ -209,7 +209,7 @@ def model_path_cpu(variants: tuple[Variant, ...], cells: list[tuple[int, int]], 
                    budget_s: float, workdir: Path, progress: bool) -> list[dict[str, Any]]:
     """Loop vs folded vs ONNX Runtime on the CPU for every variant and (B, S) cell."""
     from export import OnnxPredictor
-    from snodevit.inference import CPU_ROWS_PER_PASS, sample_in_passes
+    from snodevit.inference.passes import CPU_ROWS_PER_PASS, sample_in_passes
 
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(variants) * len(cells), desc="model path (cpu)", disable=not progress, dynamic_ncols=True)
@@ -281,7 +281,7 @@ def ort_options(variant: Variant, cells: list[tuple[int, int]], threads: int, bu
                 progress: bool) -> list[dict[str, Any]]:
     """ONNX Runtime's graph optimisation levels and dynamic int8 MatMuls against each other, alternating."""
     from export import OnnxPredictor
-    from snodevit.inference import sample_in_passes
+    from snodevit.inference.passes import sample_in_passes
 
     model = variant.build()
     path = export_for_timing(model, workdir / f"ort-{variant.name}")
@@ -306,7 +306,7 @@ def ort_options(variant: Variant, cells: list[tuple[int, int]], threads: int, bu
 def test_split(quick: bool) -> tuple[torch.Tensor, torch.Tensor] | str:
     """The preprocessed mnist5k test images and their labels (the first 32 with --quick), or why they are not
     available here."""
-    from snodevit.data import load_dataset
+    from snodevit.data.sets import load_dataset
 
     try:
         test = load_dataset("mnist5k").test
@@ -321,7 +321,7 @@ def int8_decisions(quick: bool, workdir: Path, progress: bool) -> dict[str, Any]
     labels, accept/review decisions, gate flags, probabilities (image i with seed i)."""
     from export import OnnxPredictor, export_onnx
     from snodevit import load_model
-    from snodevit.inference import predict
+    from snodevit.inference.predictor import predict
 
     if not (SHIPPED / "meta.json").is_file():
         return {"skipped": f"no trained model at {SHIPPED}"}
@@ -348,7 +348,7 @@ def threads_comparison(variant: Variant, cells: list[tuple[int, int]], threads: 
                        budget_s: float) -> list[dict[str, Any]]:
     """Folded passes with 1 intra-op thread against ``threads``, alternating: on a CPU shared with other jobs a
     parallel region waits until every one of its threads is scheduled, which can cost more than it saves."""
-    from snodevit.inference import sample_in_passes
+    from snodevit.inference.passes import sample_in_passes
 
     model = variant.build()
     rows = []
@@ -581,7 +581,7 @@ def service_path(quick: bool, threads: int, progress: bool, workdir: Path) -> di
         return {"skipped": f"bentoml is not importable here ({err}); the service section needs it"}
     from http_load import RSSSampler, Server, http_load
 
-    from snodevit.store import register_model, temporary_home
+    from service.store import register_model, temporary_home
 
     plan = QUICK_LOAD if quick else FULL_LOAD
     image = DIGIT.read_bytes()
@@ -678,7 +678,7 @@ def mc_speed_http(quick: bool, threads: int, progress: bool, workdir: Path) -> d
         return {"skipped": f"bentoml is not importable here ({err}); the section needs it"}
     from http_load import Server, http_load
 
-    from snodevit.store import register_model, temporary_home
+    from service.store import register_model, temporary_home
 
     image = DIGIT.read_bytes()
     levels = QUICK_MC_LEVELS if quick else MC_LEVELS
@@ -728,8 +728,8 @@ def demo_model_dir() -> Path | None:
 def adaptive_section(model_arg: str | None, quick: bool, device: str, progress: bool,
                      workdir: Path) -> dict[str, Any]:
     """Fixed S=32 against num_samples="auto" on the mnist5k test split, image by image with the same seeds."""
-    from snodevit.inference import AdaptiveSampling
-    from snodevit.loading import open_model
+    from snodevit.inference.adaptive import AdaptiveSampling
+    from snodevit.inference.backends import open_model
 
     rule = AdaptiveSampling()
     if model_arg is not None:
@@ -790,8 +790,8 @@ def adaptive_section(model_arg: str | None, quick: bool, device: str, progress: 
 def precision_section(model_arg: str | None, quick: bool, progress: bool) -> dict[str, Any]:
     """bf16 autocast against fp32 on the mnist5k test split with a trained, calibrated model (the shipped one by
     default): decisions, labels, gate flags and probabilities, image i with seed i, and the wall time of each."""
-    from snodevit.loading import open_model
-    from snodevit.precision import cpu_has_bf16
+    from snodevit.inference.backends import open_model
+    from snodevit.inference.precision import cpu_has_bf16
 
     model_dir = Path(model_arg) if model_arg is not None else SHIPPED
     if not (model_dir / "meta.json").is_file():
@@ -1299,7 +1299,7 @@ def _run(args: argparse.Namespace, threads: int) -> int:
                     "onnxruntime": ort.__version__, "python": platform.python_version(),
                     "load_average_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
     }
-    from snodevit.inference import CPU_ROWS_PER_PASS
+    from snodevit.inference.passes import CPU_ROWS_PER_PASS
 
     result["rows_per_pass"] = CPU_ROWS_PER_PASS
     variants = QUICK_VARIANTS if args.quick else FULL_VARIANTS

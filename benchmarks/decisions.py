@@ -46,28 +46,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from snodevit.calibrate import (  # noqa: E402
-    FAR_OOD_SETS,
-    GOAL_ACCEPTED,
-    GOAL_FAR_OOD_REVIEW,
-    GOAL_FAR_OOD_SETS,
-    GOAL_ID_ERROR,
-    GOAL_SHIFT_ERROR,
-    decision_figures,
-)
-from snodevit.cli import main as cli_main  # noqa: E402
-from snodevit.data import load_dataset  # noqa: E402
+from snodevit.evaluation.calibrate import (FAR_OOD_SETS, GOAL_ACCEPTED, GOAL_FAR_OOD_REVIEW, GOAL_FAR_OOD_SETS,
+    GOAL_ID_ERROR, GOAL_SHIFT_ERROR, decision_figures)
+from snodevit.cli.main import main as cli_main
+from snodevit.data.sets import load_dataset
 from snodevit.machine import cpu_name  # noqa: E402
-from snodevit.shift import (  # noqa: E402
-    ROTATION_ANGLES,
-    constant_images,
-    inverted_images,
-    letter_images,
-    photo_crops,
-    pixel_noise_images,
-    rotate_images,
-    uniform_noise_images,
-)
+from snodevit.data.shift import (ROTATION_ANGLES, constant_images, inverted_images, letter_images, photo_crops,
+    pixel_noise_images, rotate_images, uniform_noise_images)
 
 #: Sets of digits the model should still label (shifted, labelled): judged by the error among accepted images.
 SHIFTED = ("sklearn digits", "pixel noise")
@@ -198,7 +183,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from snodevit.loading import open_model
+    from snodevit.inference.backends import open_model
 
     loaded = open_model(args.model, device="cpu")
     if loaded.calibration.ood_gate is None:

@@ -43,7 +43,7 @@ def run(sizes: list[tuple[int, int]], threads: int, repeats: int, max_seconds: f
     import onnxruntime as ort
 
     from export import OnnxPredictor
-    from snodevit.inference import sample_in_passes
+    from snodevit.inference.passes import sample_in_passes
 
     torch.set_num_threads(threads)
     tiny = FULL_VARIANTS[0]

@@ -48,7 +48,7 @@ MICRO = dict(dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim
 
 def _make_model(folder: Path, micro: bool = False) -> Path:
     import snodevit
-    from snodevit.data import load_dataset
+    from snodevit.data.sets import load_dataset
 
     torch.manual_seed(0)
     model = snodevit.create_model("tiny", **snodevit.MNIST_OVERRIDES, **(MICRO if micro else {}))
@@ -60,7 +60,7 @@ def _make_model(folder: Path, micro: bool = False) -> Path:
 
 def _write_pngs(folder: Path, n: int) -> Path:
     """n PNG files of real digits (cycled through mnist5k), in class sub-folders."""
-    from snodevit.data import load_dataset
+    from snodevit.data.sets import load_dataset
 
     images, labels = load_dataset("mnist5k").raw("all")
     for c in range(10):

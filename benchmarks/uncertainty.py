@@ -61,9 +61,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from snodevit.commands._common import int_at_least, non_negative_int  # noqa: E402
+from snodevit.cli._common import int_at_least, non_negative_int
 from snodevit.machine import cpu_name  # noqa: E402
-from snodevit.commands.train import DEFAULT_OOD_DIFFUSION_SCALE  # noqa: E402
+from snodevit.cli.train import DEFAULT_OOD_DIFFUSION_SCALE
 
 # ----------------------------------------------------------------------------------------------- settings
 #: Goals of issue #7.
@@ -193,7 +193,7 @@ def _checkpoint_matches(job: TrainJob) -> bool:
 def _train_config_filled(stored: Any) -> dict[str, Any] | None:
     """A stored TrainConfig with the fields added since it was written at their defaults (which keep the old
     behaviour), so a new option does not invalidate every checkpoint; None when it is not a valid TrainConfig."""
-    from snodevit.train import TrainConfig
+    from snodevit.training.train import TrainConfig
 
     try:
         return asdict(TrainConfig(**stored))
@@ -203,7 +203,7 @@ def _train_config_filled(stored: Any) -> dict[str, Any] | None:
 
 def _bench_meta(job: TrainJob) -> dict[str, Any]:
     """What else decides a checkpoint: the training subset and the SDE-Net perturbation (code, not config)."""
-    from snodevit.train import OOD_NOISE_SCALES
+    from snodevit.training.train import OOD_NOISE_SCALES
 
     return {"name": "uncertainty", "kind": job.kind, "train_images": job.train_images,
             "ood_noise_scales": list(OOD_NOISE_SCALES)}
@@ -220,8 +220,8 @@ def train_one(job: TrainJob) -> dict[str, Any]:
     from torch.utils.data import Subset
 
     from snodevit import SNodeViT, SNodeViTConfig
-    from snodevit.data import load_dataset
-    from snodevit.train import TrainConfig, train_model
+    from snodevit.data.sets import load_dataset
+    from snodevit.training.train import TrainConfig, train_model
 
     bundle = load_dataset("mnist5k", augment="light")
     train_set = bundle.train if job.train_images is None else Subset(bundle.train, range(job.train_images))
@@ -239,7 +239,7 @@ def train_one(job: TrainJob) -> dict[str, Any]:
 
 def train_jobs(budget: Budget, runs: Path, device: str, threads: int, retrain: bool) -> list[TrainJob]:
     """Every checkpoint the methods need, each once: det/dropout/sde/sde-ood per seed, then extra members."""
-    from snodevit.train import TrainConfig
+    from snodevit.training.train import TrainConfig
 
     wanted: list[tuple[str, int]] = []
     for kind in dict.fromkeys(m.kind for m in methods_for(budget)):
@@ -272,7 +272,7 @@ def member_seeds(seed: int, size: int) -> list[int]:
 def build_backend(method: Method, seed: int, budget: Budget, runs: Path, device: str) -> Any:
     """The SamplingBackend of a method for one run seed, on ``device``."""
     from snodevit import load_model
-    from snodevit.baselines import DeepEnsemble, DiffusionOff, MCDropout
+    from snodevit.evaluation.baselines import DeepEnsemble, DiffusionOff, MCDropout
 
     def load(kind: str, s: int) -> Any:
         return load_model(runs / kind / f"seed{s}", map_location=device)[0].eval()
@@ -289,8 +289,8 @@ def build_backend(method: Method, seed: int, budget: Budget, runs: Path, device:
 
 def _eval_sets(budget: Budget) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """uint8 images and labels of every evaluated set (rotations excluded: made from the test split)."""
-    from snodevit.data import load_dataset
-    from snodevit.shift import photo_crops, uniform_noise_images
+    from snodevit.data.sets import load_dataset
+    from snodevit.data.shift import photo_crops, uniform_noise_images
 
     bundle = load_dataset("mnist5k")
     cap = budget.eval_images
@@ -313,7 +313,7 @@ def _logits(backend: Any, images: torch.Tensor, prep: Any, num_samples: int, see
     Images are normalised with the model's preprocessing (mnist5k's mean/std), as a served image is.
     """
     from snodevit import predict
-    from snodevit.images import normalize
+    from snodevit.data.images import normalize
 
     out = []
     for start in range(0, images.shape[0], batch):
@@ -348,8 +348,8 @@ def evaluate_one(job: EvalJob) -> dict[str, Any]:
     import logging
 
     import calibration as cal
-    from snodevit.inference import summarize
-    from snodevit.shift import rotate_images
+    from snodevit.inference.summary import summarize
+    from snodevit.data.shift import rotate_images
 
     logging.getLogger("calibration").setLevel(logging.ERROR)
     torch.set_num_threads(job.threads)
@@ -359,7 +359,7 @@ def evaluate_one(job: EvalJob) -> dict[str, Any]:
     s = num_samples_of(method, budget)
     sets = _eval_sets(budget)
     seed0 = job.seed * EVAL_SEED_STRIDE
-    from snodevit.data import load_dataset
+    from snodevit.data.sets import load_dataset
 
     prep = load_dataset("mnist5k").preprocessing
 
@@ -863,7 +863,7 @@ def print_table(report: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    from snodevit.train import TrainConfig
+    from snodevit.training.train import TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from snodevit.config import SNodeViTConfig
-from snodevit.images import Preprocessing
-from snodevit.inference import Calibration
+from snodevit.data.images import Preprocessing
+from snodevit.inference.fitted import Calibration
 
 PREFIX = "snodevit."
 FORMAT_VERSION = "1"

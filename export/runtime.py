@@ -21,9 +21,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from snodevit.checkpoint import CheckpointError
 from snodevit.config import SNodeViTConfig
-from snodevit.images import Preprocessing
-from snodevit.inference import Calibration
+from snodevit.data.images import Preprocessing
+from snodevit.device import resolve_device
+from snodevit.inference.backends import LoadedModel, meta_beside, register_backend
+from snodevit.inference.fitted import Calibration
+from snodevit.inference.precision import Precision
 
 from .metadata import ATTENTION, FEATURES, IMAGES, LOGITS, NOISE, OnnxModelError, check_file, decode_metadata
 
@@ -53,20 +57,8 @@ def cuda_available() -> bool:
 
 
 def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if not cuda_available():
-        raise ValueError(f"device={device!r} needs ONNX Runtime's CUDAExecutionProvider and a CUDA device for "
-                         "torch; this machine lacks one. Use device='cpu' or 'auto'")
-    return torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+    return resolve_device(device, cuda_ok=cuda_available(),
+                          cuda_needs="ONNX Runtime's CUDAExecutionProvider with a CUDA device for torch")
 
 
 class OnnxPredictor:
@@ -262,3 +254,18 @@ class OnnxPredictor:
 
 def _to_numpy(t: Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
+
+
+def open_onnx(path: Path, device: str, precision: Precision) -> LoadedModel:
+    """The "onnx" backend of ``snodevit.inference.backends.open_model``: an exported graph, or a folder holding
+    ``model.onnx`` (with its meta.json beside it when that describes the same weights and calibration)."""
+    onnx_path = path / "model.onnx" if path.is_dir() else path
+    if not onnx_path.is_file():
+        raise CheckpointError(f"no ONNX graph at {onnx_path}; create one with `snodevit export`")
+    pred = OnnxPredictor(onnx_path, device=device)  # its "auto" also checks ORT's CUDA provider
+    return LoadedModel(pred, "onnx", str(pred.device), pred.cfg, list(pred.class_names), pred.preprocessing,
+                       pred.calibration, pred.weights_sha256, str(onnx_path),
+                       meta_beside(onnx_path, pred.weights_sha256, pred.calibration), precision)
+
+
+register_backend("onnx", open_onnx)

@@ -19,7 +19,6 @@ and prints what it did and how long each step took. With a model already there i
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -28,8 +27,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from snodevit.store import DEFAULT_NAME, ONNX_FILE
-from snodevit.precision import PRECISIONS, cpu_has_bf16
+from service.store import DEFAULT_NAME, ONNX_FILE
+from snodevit.inference.precision import PRECISIONS, cpu_has_bf16
 
 Runner = Callable[[list[str]], int]
 
@@ -37,11 +36,6 @@ Runner = Callable[[list[str]], int]
 def _snodevit(args: list[str]) -> int:
     """Run a ``snodevit`` subcommand in this interpreter's environment, output straight to the terminal."""
     return subprocess.run([sys.executable, "-m", "snodevit.cli", *args], check=False).returncode
-
-
-def has_command(name: str) -> bool:
-    """Whether this snodevit has the CLI subcommand ``name`` (calibrate and export are added by later work)."""
-    return importlib.util.find_spec(f"snodevit.commands.{name}") is not None
 
 
 def trained(model_dir: Path) -> bool:
@@ -120,7 +114,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner = _snodevit) -> int:
         print(f"model store {home} already has {found}; nothing to do (--force registers a new version)")
         return 0
 
-    from snodevit.store import register_model, stored_metadata
+    from service.store import register_model, stored_metadata
 
     start = time.perf_counter()
     steps: list[tuple[str, float]] = []
@@ -151,9 +145,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner = _snodevit) -> int:
                        "--precision", precision, "--out", str(out), *extra])
         new_weights = True
     ran_calibration = False
-    if not has_command("calibrate"):
-        print("== calibrate: skipped (this snodevit has no `calibrate` command; the model is served uncalibrated)")
-    elif calibrated(out):
+    if calibrated(out):
         print(f"== calibrate: {out}/meta.json is already calibrated")
     else:
         # S=8 keeps the first `make serve` near its 10-minute budget on 2 cores; the full S=32 report is
@@ -162,10 +154,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner = _snodevit) -> int:
                            "--num-samples", "8"])
         ran_calibration = True
     onnx: Path | None = out / ONNX_FILE
-    if not has_command("export"):
-        print("== export: skipped (this snodevit has no `export` command)")
-        onnx = None
-    elif onnx.is_file() and not (ran_calibration or new_weights):
+    if onnx.is_file() and not (ran_calibration or new_weights):
         print(f"== export: reusing {onnx}")
     else:
         try:

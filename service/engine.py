@@ -21,10 +21,12 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from snodevit.images import DEFAULT_ALLOWED_FORMATS, ImageError, decode_image, normalize, to_uint8_tensor
-from snodevit.inference import AUTO, MAX_SEED, AdaptiveSampling, NumSamples, Prediction, resolve_seeds
-from snodevit.loading import LoadedModel, open_model
-from snodevit.records import prediction_records
+from snodevit.data.images import DEFAULT_ALLOWED_FORMATS, ImageError, decode_image, normalize, to_uint8_tensor
+from snodevit.inference.adaptive import AdaptiveSampling
+from snodevit.inference.params import AUTO, MAX_SEED, NumSamples, resolve_seeds
+from snodevit.inference.predictor import Prediction
+from snodevit.inference.backends import LoadedModel, open_model
+from snodevit.inference.records import prediction_records
 
 from .batching import MicroBatcher
 from .errors import ServiceError, invalid_parameter

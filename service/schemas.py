@@ -19,7 +19,9 @@ from pydantic import (
     WrapValidator,
 )
 
-from snodevit.inference import AUTO, MAX_SEED, GateScore, ReasonCode
+from snodevit.inference.decide import ReasonCode
+from snodevit.inference.fitted import GateScore
+from snodevit.inference.params import AUTO, MAX_SEED
 
 from .settings import ServiceSettings
 

@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from snodevit.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from snodevit.precision import PRECISIONS
+from snodevit.data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from snodevit.inference.precision import PRECISIONS
 
 
 def _torch_threads() -> int:

@@ -53,9 +53,11 @@ def fit_test_gate(model: Any, review_rate: float = GATE_REVIEW_RATE) -> dict[str
     import torch
 
     from calibration import fit_feature_density, fit_novelty_threshold
-    from snodevit.data import load_dataset
-    from snodevit.images import normalize
-    from snodevit.inference import Calibration, OodGate, draw_noise, predict
+    from snodevit.data.sets import load_dataset
+    from snodevit.data.images import normalize
+    from snodevit.inference.fitted import Calibration, OodGate
+    from snodevit.inference.passes import draw_noise
+    from snodevit.inference.predictor import predict
 
     bundle = load_dataset("mnist5k")
     prep = bundle.preprocessing
@@ -85,7 +87,7 @@ def make_tiny_model(directory: str | os.PathLike[str], *, seed: int = 0, calibra
     import torch
 
     import snodevit
-    from snodevit.data import load_dataset
+    from snodevit.data.sets import load_dataset
 
     model = snodevit.create_model("tiny", **snodevit.MNIST_OVERRIDES, dim=24, depth=2, num_heads=2, rank=4,
                                   time_hidden_dim=16, noise_dim=4, diffusion_scale=1.0)
@@ -127,7 +129,7 @@ def prepare_service(extra_env: dict[str, str] | None = None) -> PreparedService:
     global _PREPARED
     if _PREPARED is not None:
         return _PREPARED
-    from snodevit.store import register_model, use_home
+    from service.store import register_model, use_home
 
     root = Path(tempfile.mkdtemp(prefix="snodevit-service-test-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)

@@ -7,11 +7,13 @@ Public API::
     pred = snodevit.predict(model, images, num_samples=8, seed=0)  # probabilities, uncertainty, decision
 """
 
-from .checkpoint import CheckpointError, load_model, save_model
-from .config import MNIST_OVERRIDES, SNodeViTConfig, get_config, list_variants, register_variant
-from .inference import Calibration, Prediction, UncertaintySummary, attention_maps, predict, summarize
-from .model import SNodeViT, count_parameters, create_model
-from .sde import SOLVERS, SolverSpec
+from snodevit.checkpoint import CheckpointError, load_model, save_model
+from snodevit.config import MNIST_OVERRIDES, SNodeViTConfig, get_config, list_variants, register_variant
+from snodevit.inference.fitted import Calibration
+from snodevit.inference.predictor import Prediction, predict
+from snodevit.inference.summary import UncertaintySummary, attention_maps, summarize
+from snodevit.model import SNodeViT, count_parameters, create_model
+from snodevit.nn.sde import SOLVERS, SolverSpec
 
 __all__ = [
     "Calibration", "CheckpointError", "MNIST_OVERRIDES", "Prediction", "SNodeViT", "SNodeViTConfig", "SOLVERS",

@@ -3,7 +3,7 @@ package is on ``PYTHONPATH`` but not installed)."""
 
 import sys
 
-from snodevit.cli import main
+from snodevit.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,8 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import SNodeViTConfig
-from .model import SNodeViT
+from snodevit.config import SNodeViTConfig
+from snodevit.model import SNodeViT
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .config import SNodeViTConfig, get_config
-from .sde import DiffusionMagnitude, SDEBlock
+from snodevit.config import SNodeViTConfig, get_config
+from snodevit.nn.sde import DiffusionMagnitude, SDEBlock
 
 
 class ForwardAux(NamedTuple):

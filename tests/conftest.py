@@ -16,6 +16,6 @@ os.environ["SNODEVIT_PRECISION"] = "fp32"  # inherited by `bentoml serve` and `s
 
 @pytest.fixture(autouse=True)
 def _auto_precision_is_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
-    import snodevit.precision
+    import snodevit.inference.precision
 
-    monkeypatch.setattr(snodevit.precision, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(snodevit.inference.precision, "cpu_has_bf16", lambda: False)

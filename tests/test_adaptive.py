@@ -16,18 +16,14 @@ import torch
 from PIL import Image
 
 import snodevit
-from snodevit.cli import main
-from snodevit.data import load_dataset
-from snodevit.inference import (
-    AdaptiveSampling,
-    Calibration,
-    draw_noise,
-    predict,
-    settled,
-    summarize,
-    uncertainty_standard_errors,
-)
-from snodevit.records import prediction_records
+from snodevit.cli.main import main
+from snodevit.data.sets import load_dataset
+from snodevit.inference.adaptive import AdaptiveSampling, settled
+from snodevit.inference.fitted import Calibration
+from snodevit.inference.passes import draw_noise
+from snodevit.inference.predictor import predict
+from snodevit.inference.summary import summarize, uncertainty_standard_errors
+from snodevit.inference.records import prediction_records
 
 SMALL = dict(snodevit.MNIST_OVERRIDES, dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4)
 CAL = Calibration(temperature=1.3, conformal_thresholds={"0.1": 0.8}, decision_threshold=0.6, target_risk=0.02)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import snodevit
-from snodevit.attention import KSVDAttention
-from snodevit.inference import sample_in_passes
+from snodevit.nn.attention import KSVDAttention
+from snodevit.inference.passes import sample_in_passes
 
 SMALL = dict(snodevit.MNIST_OVERRIDES, dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4)
 

@@ -105,7 +105,7 @@ def test_accuracy_matches_a_plain_loop_and_torchmetrics(quick_run) -> None:
     import torch
 
     from snodevit import load_model
-    from snodevit.data import load_dataset
+    from snodevit.data.sets import load_dataset
 
     out, _, _ = quick_run
     report = json.loads((out / "attention-comparison.json").read_text())

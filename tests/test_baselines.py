@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from snodevit import MNIST_OVERRIDES, SNodeViT, create_model, predict
-from snodevit.baselines import DeepEnsemble, DiffusionOff, MCDropout
+from snodevit.evaluation.baselines import DeepEnsemble, DiffusionOff, MCDropout
 
 SMALL = dict(MNIST_OVERRIDES, dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, num_steps=1)
 

@@ -22,12 +22,13 @@ from PIL import Image
 
 import calibration as cal
 from snodevit import MNIST_OVERRIDES, create_model, save_model
-from snodevit.cli import main
-from snodevit.commands.evaluate import collect
-from snodevit.data import ImageTensorDataset, load_dataset
-from snodevit.inference import Calibration, summarize
-from snodevit.loading import open_model
-from snodevit.shift import ROTATION_ANGLES, photo_crops, rotate_images, uniform_noise_images
+from snodevit.cli.main import main
+from snodevit.cli.evaluate import collect
+from snodevit.data.sets import ImageTensorDataset, load_dataset
+from snodevit.inference.fitted import Calibration
+from snodevit.inference.summary import summarize
+from snodevit.inference.backends import open_model
+from snodevit.data.shift import ROTATION_ANGLES, photo_crops, rotate_images, uniform_noise_images
 
 TINY = dict(dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4)
 QUICK_IMAGES, QUICK_SAMPLES = 200, 4  # what --quick uses (snodevit.calibrate.quick_config)
@@ -221,7 +222,7 @@ def test_json_headline_reads_the_metrics(run: dict[str, Any]) -> None:
 
 def test_conformal_figures_measure_bare_and_served_sets_and_the_goal_reads_the_bare_ones() -> None:
     """On an accurate classifier the two kinds of set differ; the quick run's random model has no empty sets."""
-    from snodevit.calibrate import CalibrateConfig, _conformal_figures, _goals
+    from snodevit.evaluation.calibrate import CalibrateConfig, _conformal_figures, _goals
 
     # calibrated synthetic probabilities, ~99 % top-1 accuracy: one class per image gets a logit boost of ~10
     g = torch.Generator().manual_seed(0)
@@ -253,7 +254,7 @@ def test_conformal_figures_measure_bare_and_served_sets_and_the_goal_reads_the_b
 
 
 def test_human_printout_shows_bare_and_served_sets(run: dict[str, Any]) -> None:
-    from snodevit.commands.calibrate import _human
+    from snodevit.cli.calibrate import _human
 
     h = run["headline"]
     text = _human(h, run["model"], run["out"], quick=True)
@@ -273,7 +274,8 @@ def test_human_printout_shows_bare_and_served_sets(run: dict[str, Any]) -> None:
     ({}, False),
 ])
 def test_the_report_warns_when_the_model_was_selected_on_the_calibration_split(meta: dict, selected: bool) -> None:
-    from snodevit.calibrate import SELECTION_NOTE, CalibrationResult, _selected_on_calibration_split, report_intro
+    from snodevit.evaluation.calibrate import (SELECTION_NOTE, CalibrationResult, _selected_on_calibration_split,
+        report_intro)
 
     assert _selected_on_calibration_split(meta, "mnist5k") is selected
     setup = {"calibration_images": 500, "test_images": 500, "data": "mnist5k", "num_samples": 32,
@@ -373,7 +375,7 @@ def _gate_scores(loaded: Any, images: torch.Tensor) -> torch.Tensor:
 
 
 def test_gate_threshold_is_the_conformal_novelty_threshold_of_the_calibration_split(run: dict[str, Any]) -> None:
-    from snodevit.calibrate import CalibrateConfig
+    from snodevit.evaluation.calibrate import CalibrateConfig
 
     loaded = open_model(run["model"])
     gate = loaded.calibration.ood_gate

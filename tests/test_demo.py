@@ -10,7 +10,7 @@ import pytest
 from service import demo
 from service.testing import make_tiny_model
 from snodevit.checkpoint import load_model, update_meta, weights_hash
-from snodevit.store import stored_metadata, temporary_home
+from service.store import stored_metadata, temporary_home
 
 REPO = Path(__file__).resolve().parents[1]
 

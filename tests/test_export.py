@@ -20,9 +20,9 @@ import snodevit
 from export import OnnxModelError, OnnxPredictor, check_parity, export_onnx, read_onnx_metadata
 from snodevit import MNIST_OVERRIDES, Calibration, SNodeViT, create_model, predict, save_model
 from snodevit.checkpoint import read_meta, weights_hash
-from snodevit.cli import main
+from snodevit.cli.main import main
 from snodevit.config import ATTENTION_TYPES
-from snodevit.images import Preprocessing
+from snodevit.data.images import Preprocessing
 
 TOL = 1e-4
 SMALL = dict(MNIST_OVERRIDES, dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4)
@@ -380,7 +380,7 @@ def _gated_meta(model: SNodeViT) -> tuple[dict[str, Any], Calibration]:
     import dataclasses
 
     from calibration import fit_feature_density
-    from snodevit.inference import OodGate
+    from snodevit.inference.fitted import OodGate
 
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(120, 1, 28, 28, generator=gen)
@@ -416,7 +416,7 @@ def test_gate_decisions_are_identical_on_both_backends(variant: str, tmp_path: P
     assert torch.equal(a.accept, b.accept) and a.reason_codes == b.reason_codes
     assert all(code == "out_of_distribution" for code, f in zip(a.reason_codes, a.out_of_distribution) if f)
     # the score is the density of each image's mean feature over its samples (an independent recomputation)
-    from snodevit.inference import draw_noise
+    from snodevit.inference.passes import draw_noise
 
     noise = draw_noise(m, list(range(40)), 4)
     with torch.no_grad():

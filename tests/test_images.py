@@ -14,19 +14,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from snodevit.images import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_PIXELS,
-    ImageError,
-    Preprocessing,
-    decode_image,
-    load_image_file,
-    normalize,
-    preprocess,
-    resize_tensor,
-    standardize_mode,
-    to_uint8_tensor,
-)
+from snodevit.data.images import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, Preprocessing, decode_image,
+    load_image_file, normalize, preprocess, resize_tensor, standardize_mode, to_uint8_tensor)
 
 
 def _encode(image: Image.Image, fmt: str, **params: object) -> bytes:

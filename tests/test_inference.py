@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import snodevit
-from snodevit.inference import Calibration, predict
+from snodevit.inference.fitted import Calibration
+from snodevit.inference.predictor import predict
 
 SMALL = dict(snodevit.MNIST_OVERRIDES, dim=24, depth=1, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4)
 

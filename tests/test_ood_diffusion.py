@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import Subset
 
 from snodevit import MNIST_OVERRIDES, SNodeViT, SNodeViTConfig, create_model, load_model, predict
-from snodevit.cli import main
-from snodevit.data import load_dataset
-from snodevit.train import OOD_NOISE_SCALES, TrainConfig, ood_perturb, shuffle_cells, train_model
+from snodevit.cli.main import main
+from snodevit.data.sets import load_dataset
+from snodevit.training.train import OOD_NOISE_SCALES, TrainConfig, ood_perturb, shuffle_cells, train_model
 
 SMALL = dict(MNIST_OVERRIDES, dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4, num_steps=1)
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import snodevit.precision
-from snodevit.data import load_dataset
-from snodevit.images import normalize
-from snodevit.inference import Calibration, predict
-from snodevit.loading import open_model
-from snodevit.precision import resolve_precision
+import snodevit.inference.precision
+from snodevit.data.sets import load_dataset
+from snodevit.data.images import normalize
+from snodevit.inference.fitted import Calibration
+from snodevit.inference.predictor import predict
+from snodevit.inference.backends import open_model
+from snodevit.inference.precision import resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "models" / "snodevit-mnist"
@@ -23,7 +24,7 @@ SHIPPED = REPO / "models" / "snodevit-mnist"
 @pytest.mark.parametrize("native, want", [(False, "fp32"), (True, "bf16")])
 def test_auto_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch: pytest.MonkeyPatch,
                                                                   native: bool, want: str) -> None:
-    monkeypatch.setattr(snodevit.precision, "cpu_has_bf16", lambda: native)
+    monkeypatch.setattr(snodevit.inference.precision, "cpu_has_bf16", lambda: native)
     assert resolve_precision("auto", "cpu") == want
     assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
     assert resolve_precision("auto", "cpu", "onnx") == "fp32"  # ONNX Runtime runs the fp32 graph

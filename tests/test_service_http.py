@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from service.testing import prepare_service
-from snodevit.records import prediction_records
+from snodevit.inference.records import prediction_records
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")]
@@ -97,9 +97,9 @@ def test_same_seed_same_json(client) -> None:
 
 
 def test_num_samples_auto_reports_the_samples_used(client, prepared) -> None:
-    from snodevit.images import decode_image, normalize, to_uint8_tensor
-    from snodevit.loading import open_model
-    from snodevit.store import resolve
+    from snodevit.data.images import decode_image, normalize, to_uint8_tensor
+    from snodevit.inference.backends import open_model
+    from service.store import resolve
 
     auto = client.post("/classify", files={"image": ("a.png", DIGIT_7, "image/png")},
                        data={"seed": "6", "num_samples": "auto"})

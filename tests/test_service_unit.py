@@ -66,9 +66,9 @@ def test_ready_after_warm_up(svc) -> None:
 
 def test_classify_matches_the_shared_inference_path(svc, prepared) -> None:
     """Same image, seed and samples: the numbers of open_model().predict + prediction_records, to the bit."""
-    from snodevit.images import decode_image, preprocess
-    from snodevit.loading import open_model
-    from snodevit.records import prediction_records
+    from snodevit.data.images import decode_image, preprocess
+    from snodevit.inference.backends import open_model
+    from snodevit.inference.records import prediction_records
 
     answer = run(svc.classify(image=DIGIT_7, num_samples=8, seed=5, top_k=4, alpha=0.1)).model_dump()
     loaded = open_model(prepared.model_dir)
@@ -197,8 +197,8 @@ def test_metadata_is_strict_json_with_infinite_thresholds_and_figures_only_when_
 
     from service.engine import Engine
     from service.settings import ServiceSettings
-    from snodevit.inference import Calibration
-    from snodevit.loading import open_model
+    from snodevit.inference.fitted import Calibration
+    from snodevit.inference.backends import open_model
 
     def strict(body: bytes) -> dict[str, Any]:
         def refuse(token: str) -> None:
@@ -580,7 +580,7 @@ def test_demo_trains_calibrates_exports_and_registers_once(tmp_path: Path, capsy
     from service import demo
     from service.testing import make_tiny_model
     from snodevit.checkpoint import update_meta
-    from snodevit.store import stored_metadata, temporary_home
+    from service.store import stored_metadata, temporary_home
 
     out = tmp_path / "run"
     calls: list[str] = []
@@ -598,10 +598,10 @@ def test_demo_trains_calibrates_exports_and_registers_once(tmp_path: Path, capsy
 
     with temporary_home(tmp_path / "bentoml"):
         assert demo.main(["--out", str(out), "--epochs", "2", "--", "--diffusion-scale", "1.0"], fake_snodevit) == 0
-        expected = ["train"] + [c for c in ("calibrate", "export") if demo.has_command(c)]
+        expected = ["train", "calibrate", "export"]
         assert calls == expected
         meta = stored_metadata("snodevit-mnist:latest")
-        assert meta["backends"] == ["torch"] and meta["calibrated"] is demo.has_command("calibrate")
+        assert meta["backends"] == ["torch"] and meta["calibrated"] is True
         printed = capsys.readouterr().out
         assert "registered snodevit-mnist:" in printed and "done in" in printed
 
@@ -616,7 +616,7 @@ def test_engine_open_loads_and_runs_the_model_on_one_thread(prepared, monkeypatc
     import service.engine as engine_module
     from service.engine import Engine
     from service.settings import ServiceSettings
-    from snodevit.loading import CheckpointError, open_model
+    from snodevit.inference.backends import CheckpointError, open_model
 
     threads: dict[str, list[int]] = {"load": [], "predict": []}
     real_open = engine_module.open_model

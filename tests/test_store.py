@@ -12,7 +12,7 @@ import torch
 
 from service.testing import CALIBRATION, make_tiny_model
 from snodevit.checkpoint import META_FILE, CheckpointError
-from snodevit.store import headline_metadata, register_model, resolve, stored_metadata, temporary_home
+from service.store import headline_metadata, register_model, resolve, stored_metadata, temporary_home
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -129,7 +129,7 @@ def test_onnx_graph_is_stored_checked_and_served_alike(model_dir: Path, home: Pa
     import snodevit
     from service.engine import Engine
     from service.settings import ServiceSettings
-    from snodevit.loading import open_model
+    from snodevit.inference.backends import open_model
 
     model, meta = snodevit.load_model(model_dir)
     onnx = export.export_onnx(model, tmp_path / "model.onnx", meta=meta, attention_maps=True)

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from snodevit import MNIST_OVERRIDES, CheckpointError, create_model, load_model, save_model
-from snodevit.cli import build_parser, main
-from snodevit.data import load_dataset
-from snodevit.train import TrainConfig, cpu_has_bf16, train_model
+from snodevit.cli.main import build_parser, main
+from snodevit.data.sets import load_dataset
+from snodevit.training.train import TrainConfig, cpu_has_bf16, train_model
 
 TINY = dict(dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4)
 
@@ -139,7 +139,7 @@ def test_ema_average_matches_a_plain_loop() -> None:
     """AveragedModel with ema_multi_avg_fn equals a hand-written EMA with timm's warm-up of the decay."""
     from torch.optim.swa_utils import AveragedModel
 
-    from snodevit.train import ema_multi_avg_fn
+    from snodevit.training.train import ema_multi_avg_fn
 
     torch.manual_seed(0)
     live = torch.nn.Linear(3, 2)

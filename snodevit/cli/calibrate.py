@@ -12,14 +12,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ._common import add_device_flag, add_json_flag, add_precision_flag, emit, positive_int
+from snodevit.cli._common import add_device_flag, add_json_flag, add_precision_flag, emit, positive_int
 
 logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ..calibrate import CONFORMAL_SCORES, DECISION_SCORES, CalibrateConfig
-    from ..inference import GATE_SCORES
+    from snodevit.evaluation.calibrate import CONFORMAL_SCORES, DECISION_SCORES, CalibrateConfig
+    from snodevit.inference.fitted import GATE_SCORES
 
     d = CalibrateConfig()
     p = sub.add_parser("calibrate", help="fit and store the calibration of a model; write a calibration report",
@@ -55,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from ..cli import CLIError
+    from snodevit.cli.errors import CLIError
 
     bad = [a for a in args.alphas if not 0.0 < a < 1.0]
     if bad:
@@ -115,10 +115,10 @@ def _human(h: dict[str, Any], model: Path, out: Path, quick: bool) -> str:
 def run(args: argparse.Namespace) -> int:
     from calibration import write_report
 
-    from ..calibrate import CalibrateConfig, calibrate_model, quick_config, report_intro
-    from ..checkpoint import update_meta
-    from ..data import load_dataset
-    from ..loading import open_model
+    from snodevit.evaluation.calibrate import CalibrateConfig, calibrate_model, quick_config, report_intro
+    from snodevit.checkpoint import update_meta
+    from snodevit.data.sets import load_dataset
+    from snodevit.inference.backends import open_model
 
     _check_args(args)
     loaded = open_model(args.model, "torch", args.device, args.precision)  # CheckpointError (exit 2) when it is not a model

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .inference import Prediction, threshold_to_json
+from snodevit.inference.fitted import threshold_to_json
+from snodevit.inference.predictor import Prediction
 
 
 def prediction_records(pred: Prediction, class_names: list[str], top_k: int = 3) -> list[dict[str, Any]]:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import ATTENTION_TYPES, POOL_TYPES, SOLVER_TYPES, get_config, list_variants
-from ..data import load_dataset
-from ..machine import cpu_name
-from ..model import SNodeViT, count_parameters
-from ..train import PRECISIONS, TrainConfig, train_model, use_bf16
-from ._common import add_device_flag, add_json_flag, emit, positive_int, resolve_device
+from snodevit.config import ATTENTION_TYPES, POOL_TYPES, SOLVER_TYPES, get_config, list_variants
+from snodevit.data.sets import load_dataset
+from snodevit.machine import cpu_name
+from snodevit.model import SNodeViT, count_parameters
+from snodevit.training.train import PRECISIONS, TrainConfig, train_model, use_bf16
+from snodevit.cli._common import add_device_flag, add_json_flag, emit, positive_int, resolve_device
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -47,13 +47,15 @@ import calibration as cal
 from calibration.conformal import conformal_quantile_index
 from calibration.report import to_jsonable
 
-from .data import DIGIT_CLASSES, DatasetBundle, load_dataset
-from .images import normalize, resize_tensor
-from .inference import (GATE_SCORES, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, Calibration, OodGate, UncertaintySummary,
-                        decide_outcomes, draw_noise, sample_in_passes, summarize)
-from .loading import LoadedModel
-from .shift import (PIXEL_NOISE_STD, ROTATION_ANGLES, constant_images, inverted_images, letter_images, photo_crops,
-                    pixel_noise_images, rotate_images, uniform_noise_images)
+from snodevit.data.sets import DIGIT_CLASSES, DatasetBundle, load_dataset
+from snodevit.data.images import normalize, resize_tensor
+from snodevit.inference.decide import LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, decide_outcomes
+from snodevit.inference.fitted import GATE_SCORES, Calibration, OodGate
+from snodevit.inference.passes import draw_noise, sample_in_passes
+from snodevit.inference.summary import UncertaintySummary, summarize
+from snodevit.inference.backends import LoadedModel
+from snodevit.data.shift import (PIXEL_NOISE_STD, ROTATION_ANGLES, constant_images, inverted_images, letter_images,
+    photo_crops, pixel_noise_images, rotate_images, uniform_noise_images)
 
 logger = logging.getLogger(__name__)
 

@@ -10,6 +10,10 @@ from typing import Any, Callable
 
 import torch
 
+from snodevit import device as devices
+from snodevit.cli.errors import CLIError
+from snodevit.inference.precision import PRECISIONS
+
 
 def add_json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object of the figures on stdout")
@@ -20,8 +24,6 @@ def add_device_flag(p: argparse.ArgumentParser) -> None:
 
 
 def add_precision_flag(p: argparse.ArgumentParser) -> None:
-    from ..precision import PRECISIONS
-
     p.add_argument("--precision", choices=PRECISIONS, default=os.environ.get("SNODEVIT_PRECISION", "auto"),
                    help="forward passes in fp32 or bf16 autocast; auto: bf16 where the device multiplies bf16 "
                         "natively (CUDA, AVX512-BF16/AMX CPUs), else fp32. The onnx backend is fp32. "
@@ -29,14 +31,11 @@ def add_precision_flag(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from ..cli import CLIError
-
-        raise CLIError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return dev
+    """``--device`` as a device (``snodevit.device.resolve_device``); a refusal names the flag (exit code 2)."""
+    try:
+        return devices.resolve_device(name)
+    except ValueError as e:
+        raise CLIError(f"--device {name}: {e}") from None
 
 
 def emit(args: argparse.Namespace, figures: dict[str, Any], human: str) -> None:

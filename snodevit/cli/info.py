@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..config import ATTENTION_TYPES, MNIST_OVERRIDES, get_config, list_variants
-from ..model import SNodeViT, count_parameters
-from ._common import add_json_flag, emit
+from snodevit.config import ATTENTION_TYPES, MNIST_OVERRIDES, get_config, list_variants
+from snodevit.model import SNodeViT, count_parameters
+from snodevit.cli._common import add_json_flag, emit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -29,7 +29,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms.v2 import InterpolationMode
 
-from .images import Preprocessing, resize_tensor
+from snodevit.data.images import Preprocessing, resize_tensor
 
 #: Rotation angles of the shift sweep, in degrees (Ovadia et al. 2019: 0 to 180 in 15 degree steps).
 ROTATION_ANGLES: tuple[float, ...] = tuple(float(a) for a in range(0, 181, 15))

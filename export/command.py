@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from ._common import add_json_flag, emit, positive_int
+from snodevit.cli._common import add_json_flag, emit, positive_int
 
 PARITY_IMAGES = 4
 PARITY_SAMPLES = 4
@@ -34,8 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from export import OnnxPredictor, check_parity, export_onnx
 
-    from ..checkpoint import load_model
-    from ..cli import EXIT_PARTIAL, CLIError
+    from snodevit.checkpoint import load_model
+    from snodevit.cli.errors import EXIT_PARTIAL, CLIError
 
     if args.out.suffix != ".onnx":
         raise CLIError(f"--out must name a .onnx file, got {str(args.out)!r}")

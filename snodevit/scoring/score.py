@@ -46,11 +46,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import IMAGE_EXTENSIONS
-from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, Preprocessing, load_image_file, preprocess
-from .inference import AUTO
-from .loading import LoadedModel
-from .records import prediction_records
+from snodevit.data.sets import IMAGE_EXTENSIONS
+from snodevit.data.images import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, Preprocessing, load_image_file,
+    preprocess)
+from snodevit.inference.params import AUTO
+from snodevit.inference.backends import LoadedModel
+from snodevit.inference.records import prediction_records
 
 logger = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from snodevit.images import ImageError, Preprocessing, load_image_file, normalize, resize_tensor, to_uint8_tensor
+from snodevit.data.images import ImageError, Preprocessing, load_image_file, normalize, resize_tensor, to_uint8_tensor
 
 logger = logging.getLogger(__name__)
 

@@ -33,9 +33,10 @@ import os
 import sys
 from typing import Any
 
-from ..cli import CLIError, EXIT_USAGE
-from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from ._common import add_device_flag, add_json_flag, add_precision_flag, emit, non_negative_int, positive_int, resolve_device
+from snodevit.cli.errors import CLIError, EXIT_USAGE
+from snodevit.data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from snodevit.cli._common import (add_device_flag, add_json_flag, add_precision_flag, emit, non_negative_int,
+    positive_int, resolve_device)
 
 
 def _num_samples(text: str) -> int | str:
@@ -92,8 +93,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _open(args: argparse.Namespace) -> Any:
-    from ..checkpoint import CheckpointError
-    from ..loading import open_model
+    from snodevit.checkpoint import CheckpointError
+    from snodevit.inference.backends import open_model
 
     device = str(resolve_device(args.device))
     try:
@@ -129,8 +130,8 @@ def _human(summary: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..scoring import ScoreError, ScoreSettings, expand_inputs, plan_output, read_labels_file, run_header, \
-        score_files
+    from snodevit.scoring.score import (ScoreError, ScoreSettings, expand_inputs, plan_output, read_labels_file,
+        run_header, score_files)
 
     try:
         settings = ScoreSettings(num_samples=args.num_samples, seed=args.seed, top_k=args.top_k, alpha=args.alpha,

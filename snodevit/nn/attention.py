@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import SNodeViTConfig
+from snodevit.config import SNodeViTConfig
 
 
 class AttentionOutput(NamedTuple):

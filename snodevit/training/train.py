@@ -31,9 +31,9 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checkpoint import save_model
-from .model import SNodeViT
-from .precision import PRECISIONS, cpu_has_bf16
+from snodevit.checkpoint import save_model
+from snodevit.model import SNodeViT
+from snodevit.inference.precision import PRECISIONS, cpu_has_bf16
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import CONFIG_FILE, META_FILE, WEIGHTS_FILE, CheckpointError, load_model, weights_hash
-from .inference import Calibration
+from snodevit.checkpoint import CONFIG_FILE, META_FILE, WEIGHTS_FILE, CheckpointError, load_model, weights_hash
+from snodevit.inference.fitted import Calibration
 
 if TYPE_CHECKING:
     from bentoml import Tag

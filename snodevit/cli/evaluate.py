@@ -7,9 +7,9 @@ import argparse
 import torch
 from tqdm.auto import tqdm
 
-from ..data import load_dataset
-from ..loading import open_model
-from ._common import add_json_flag, add_precision_flag, emit, positive_int
+from snodevit.data.sets import load_dataset
+from snodevit.inference.backends import open_model
+from snodevit.cli._common import add_json_flag, add_precision_flag, emit, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

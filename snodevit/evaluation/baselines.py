@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import SNodeViTConfig
-from .model import SNodeViT
+from snodevit.config import SNodeViTConfig
+from snodevit.model import SNodeViT
 
 __all__ = ["DeepEnsemble", "DiffusionOff", "MCDropout"]
 

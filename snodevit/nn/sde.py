@@ -29,9 +29,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .attention import build_attention
-from .config import SNodeViTConfig
-from .timenet import TimeNet, TimeParams
+from snodevit.nn.attention import build_attention
+from snodevit.config import SNodeViTConfig
+from snodevit.nn.timenet import TimeNet, TimeParams
 
 # Noise types and SDE interpretations, named as in torchsde.
 NOISE_GENERAL = "general"

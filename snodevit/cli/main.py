@@ -1,7 +1,9 @@
 """The ``snodevit`` command line.
 
-Each subcommand lives in its own module under ``snodevit/commands`` and defines ``add_parser(subparsers)``
-(which sets ``func``). Commands print for people; with ``--json`` they print one JSON object on stdout.
+Each subcommand is a module with ``add_parser(subparsers)`` (which sets ``func``): the built-in ones live in this
+package, and other packages plug theirs in through the ``snodevit.commands`` entry-point group (``export``
+registers ``snodevit export`` that way, so this package never imports ONNX). Commands print for people; with
+``--json`` they print one JSON object on stdout.
 
 Exit codes: 0 success; 1 the run finished but some items failed (``score``); 2 unusable arguments or input
 (a message on stderr names the problem); 130 interrupted.
@@ -10,23 +12,24 @@ Exit codes: 0 success; 1 the run finished but some items failed (``score``); 2 u
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
+from importlib.metadata import entry_points
+from types import ModuleType
 
-COMMANDS = ("info", "train", "evaluate", "calibrate", "export", "score", "benchmark")
+from snodevit.checkpoint import CheckpointError
+from snodevit.cli import calibrate, evaluate, info, score, train
+from snodevit.cli.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, CLIError
 
-EXIT_OK = 0
-EXIT_PARTIAL = 1
-EXIT_USAGE = 2
+BUILT_IN: tuple[ModuleType, ...] = (info, train, evaluate, calibrate, score)
+ENTRY_POINT_GROUP = "snodevit.commands"
+
+__all__ = ["CLIError", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "build_parser", "main"]
 
 
-class CLIError(Exception):
-    """An error the user can act on; printed without a traceback."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.code = code
+def plugin_commands() -> list[ModuleType]:
+    """The command modules other installed packages register (``[project.entry-points."snodevit.commands"]``)."""
+    return [ep.load() for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,13 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "stochastic (SDE) Vision Transformer.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"snodevit.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"snodevit.commands.{name}":
-                continue  # command not built yet
-            raise
+    for module in (*BUILT_IN, *plugin_commands()):
         module.add_parser(sub)
     return parser
 
@@ -50,14 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .checkpoint import CheckpointError
-
     known: tuple[type[BaseException], ...] = (CLIError, CheckpointError, FileNotFoundError, ValueError)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except known as e:
         if args.verbose:
             raise

@@ -1,1 +1,0 @@
-"""Subcommands of the ``snodevit`` CLI, one module each (see ``snodevit.cli``)."""
