@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from snodevit.data.images import DEFAULT_ALLOWED_FORMATS, ImageError, decode_image, normalize, to_uint8_tensor
+from snodevit.data.images import (DEFAULT_ALLOWED_FORMATS, ImageError, decode_image, normalize, to_uint8_tensor,
+                                  undecodable)
 from snodevit.inference.adaptive import AdaptiveSampling
 from snodevit.inference.params import AUTO, MAX_SEED, NumSamples, resolve_seeds
 from snodevit.inference.predictor import Prediction
@@ -226,8 +227,7 @@ class Engine:
         except (MemoryError, RecursionError, ValueError, OSError, TypeError, IndexError, KeyError) as err:
             # Malformed input that slipped past the decoder's own mapping: still the client's file, not a 500.
             logger.warning("decoder failed on %s: %r", where or "an upload", err, exc_info=True)
-            raise ServiceError(400, "corrupt_image", f"{where + ': ' if where else ''}the image could not be decoded "
-                               f"({type(err).__name__})") from None
+            raise ServiceError.from_image_error(undecodable(err), where) from None
         return Decoded(pixels, normalize(pixels, prep), _ms(time.perf_counter() - t0))
 
     # ----------------------------------------------------------------------------------------- inference

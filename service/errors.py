@@ -26,6 +26,12 @@ STATUS_CODES: dict[int, str] = {
     413: "too_large", 415: "unsupported_media_type", 422: "invalid_parameter", 429: "overloaded",
     500: "internal_error", 501: "not_available", 503: "unavailable", 504: "timeout",
 }
+#: The HTTP status of each refused-image code (``snodevit.data.images.IMAGE_ERROR_CODES``): 413 too large, 415 not
+#: an image the service takes, 400 a broken or empty one.
+IMAGE_ERROR_STATUS: dict[str, int] = {
+    "empty_body": 400, "too_large": 413, "too_many_pixels": 413, "not_an_image": 415, "unsupported_format": 415,
+    "truncated_image": 400, "corrupt_image": 400, "unreadable_file": 400,
+}
 _MAX_ERROR_BODY = 64 * 2**10  # error bodies are small; a larger one is passed through untouched
 
 
@@ -50,8 +56,8 @@ class ServiceError(Exception):
 
     @classmethod
     def from_image_error(cls, err: ImageError, where: str | None = None) -> ServiceError:
-        """The decoder's refusal, with ``where`` (e.g. ``"images[2]"``) in front of its detail."""
-        return cls(err.status, err.error, f"{where}: {err.detail}" if where else err.detail)
+        """The decoder's refusal (status from ``IMAGE_ERROR_STATUS``), ``where`` (e.g. ``"images[2]"``) in front."""
+        return cls(IMAGE_ERROR_STATUS[err.error], err.error, f"{where}: {err.detail}" if where else err.detail)
 
 
 def invalid_parameter(name: str, detail: str) -> ServiceError:

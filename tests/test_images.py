@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from service.errors import IMAGE_ERROR_STATUS
 from snodevit.data.images import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, Preprocessing, decode_image,
     load_image_file, normalize, preprocess, resize_tensor, standardize_mode, to_uint8_tensor)
 
@@ -100,7 +101,7 @@ def test_bad_inputs_are_refused_with_status_and_code(make: Callable[[], bytes], 
         with pytest.raises(ImageError) as info:
             decode_image(make(), **kwargs)  # type: ignore[arg-type]
     err = info.value
-    assert (err.status, err.error) == (status, error), err.detail
+    assert (IMAGE_ERROR_STATUS[err.error], err.error) == (status, error), err.detail  # the service's table
     assert isinstance(err, ValueError) and err.detail and str(err) == err.detail
     assert err.to_dict() == {"error": error, "detail": err.detail}
     assert Image.MAX_IMAGE_PIXELS == before and ImageFile.LOAD_TRUNCATED_IMAGES is False
@@ -231,13 +232,14 @@ def test_load_image_file(tmp_path: Path) -> None:
     assert load_image_file(path).size == (64, 48)
     with pytest.raises(ImageError) as info:
         load_image_file(tmp_path / "missing.png")
-    assert info.value.status == 400 and info.value.error == "unreadable_file" and "missing.png" in info.value.detail
+    assert info.value.error == "unreadable_file" and IMAGE_ERROR_STATUS[info.value.error] == 400
+    assert "missing.png" in info.value.detail
     with pytest.raises(ImageError) as info:
         load_image_file(tmp_path)
-    assert info.value.status == 400 and str(tmp_path) in info.value.detail
+    assert IMAGE_ERROR_STATUS[info.value.error] == 400 and str(tmp_path) in info.value.detail
     with pytest.raises(ImageError) as info:
         load_image_file(path, max_bytes=10)
-    assert info.value.status == 413 and "x.png" in info.value.detail
+    assert IMAGE_ERROR_STATUS[info.value.error] == 413 and "x.png" in info.value.detail
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(_truncated("JPEG"))
     with pytest.raises(ImageError) as info:

@@ -69,21 +69,25 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, SyntaxError, ValueEr
                                                    IndexError, KeyError, TypeError)
 
 
+#: The one vocabulary of refused images, shared by the service (which maps each code to an HTTP status in
+#: ``service.errors``) and `snodevit score` (whose error rows carry the code).
+ImageErrorCode = Literal["empty_body", "too_large", "too_many_pixels", "not_an_image", "unsupported_format",
+                         "truncated_image", "corrupt_image", "unreadable_file"]
+IMAGE_ERROR_CODES: tuple[str, ...] = get_args(ImageErrorCode)
+
+
 class ImageError(ValueError):
-    """An image was refused. Carries what an HTTP layer needs to answer.
+    """An image was refused.
 
     Attributes:
-        status: HTTP status to answer with: 400 (bad or broken input), 413 (too large) or 415 (not a supported
-            image).
-        error: short machine-readable code, e.g. ``"empty_body"``, ``"too_large"``, ``"too_many_pixels"``,
-            ``"not_an_image"``, ``"unsupported_format"``, ``"truncated_image"``, ``"corrupt_image"``,
-            ``"unreadable_file"``.
+        error: short machine-readable code, one of ``IMAGE_ERROR_CODES``.
         detail: a human-readable sentence naming the problem.
     """
 
-    def __init__(self, status: int, error: str, detail: str) -> None:
+    def __init__(self, error: ImageErrorCode, detail: str) -> None:
+        if error not in IMAGE_ERROR_CODES:
+            raise ValueError(f"ImageError code must be one of {list(IMAGE_ERROR_CODES)}, got {error!r}")
         super().__init__(detail)
-        self.status = status
         self.error = error
         self.detail = detail
 
@@ -92,7 +96,14 @@ class ImageError(ValueError):
         return {"error": self.error, "detail": self.detail}
 
     def __repr__(self) -> str:
-        return f"ImageError(status={self.status}, error={self.error!r}, detail={self.detail!r})"
+        return f"ImageError(error={self.error!r}, detail={self.detail!r})"
+
+
+def undecodable(err: BaseException, where: str | None = None) -> ImageError:
+    """The refusal of a file that broke the decoder in a way its own checks did not foresee: still the sender's
+    file (``corrupt_image``), never a crash. The service and `snodevit score` both call this."""
+    prefix = f"{where}: " if where else ""
+    return ImageError("corrupt_image", f"{prefix}the image could not be decoded ({type(err).__name__}: {err})")
 
 
 def _check_caps(max_bytes: int, max_pixels: int, allowed_formats: Sequence[str]) -> tuple[str, ...]:
@@ -126,7 +137,7 @@ def _open(data: bytes, formats: tuple[str, ...], max_pixels: int) -> Image.Image
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data), formats=list(formats))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(413, "too_many_pixels", f"image refused by the decompression-bomb guard: {err}") from None
+        raise ImageError("too_many_pixels", f"image refused by the decompression-bomb guard: {err}") from None
     except UnidentifiedImageError:
         raise _unidentified(data, formats) from None
     except _DECODE_ERRORS as err:
@@ -134,11 +145,10 @@ def _open(data: bytes, formats: tuple[str, ...], max_pixels: int) -> Image.Image
     width, height = im.size
     if width < 1 or height < 1:
         im.close()
-        raise ImageError(400, "corrupt_image", f"the image header declares an empty size {width}x{height}")
+        raise ImageError("corrupt_image", f"the image header declares an empty size {width}x{height}")
     if width * height > max_pixels:
         im.close()
-        raise ImageError(
-            413, "too_many_pixels",
+        raise ImageError("too_many_pixels",
             f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}",
         )
     return im
@@ -147,7 +157,7 @@ def _open(data: bytes, formats: tuple[str, ...], max_pixels: int) -> Image.Image
 def _unidentified(data: bytes, formats: tuple[str, ...]) -> ImageError:
     sniffed = _sniff(data)
     if sniffed in formats:
-        return ImageError(400, "corrupt_image", f"the data starts like a {sniffed} file but could not be parsed "
+        return ImageError("corrupt_image", f"the data starts like a {sniffed} file but could not be parsed "
                                                "(truncated or corrupt header)")
     try:  # Header-only identification, to say which format was refused; no pixel data is read.
         with _WARNINGS_LOCK, warnings.catch_warnings():
@@ -157,7 +167,7 @@ def _unidentified(data: bytes, formats: tuple[str, ...]) -> ImageError:
     except Exception:  # noqa: BLE001 - any failure just means "not an image we know"
         found = None
     if found is not None:
-        return ImageError(415, "unsupported_format",
+        return ImageError("unsupported_format",
                           f"{found} images are not accepted; allowed formats: {', '.join(formats)}")
     head = data[:256].lstrip().lower()
     if head.startswith((b"<?xml", b"<svg", b"<!doctype", b"<html")) or b"<svg" in head:
@@ -166,14 +176,14 @@ def _unidentified(data: bytes, formats: tuple[str, ...]) -> ImageError:
         what = "text, not an image"
     else:
         what = "not a recognised image"
-    return ImageError(415, "not_an_image", f"the data is {what}; allowed formats: {', '.join(formats)}")
+    return ImageError("not_an_image", f"the data is {what}; allowed formats: {', '.join(formats)}")
 
 
 def _broken(err: BaseException, context: str) -> ImageError:
     message = str(err) or type(err).__name__
     if isinstance(err, EOFError) or "truncat" in message.lower():
-        return ImageError(400, "truncated_image", f"{context}: the file is truncated ({message})")
-    return ImageError(400, "corrupt_image", f"{context}: the file is corrupt ({message})")
+        return ImageError("truncated_image", f"{context}: the file is truncated ({message})")
+    return ImageError("corrupt_image", f"{context}: the file is corrupt ({message})")
 
 
 def _scale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
@@ -263,7 +273,7 @@ def standardize_mode(image: Image.Image) -> Image.Image:
     try:
         return image.convert("RGB")
     except ValueError as err:
-        raise ImageError(415, "unsupported_format",
+        raise ImageError("unsupported_format",
                          f"images in pixel mode {mode!r} are not supported ({err})") from None
 
 
@@ -288,8 +298,8 @@ def decode_image(
         EXIF orientation applied and any transparency composited onto black.
 
     Raises:
-        ImageError: 400 ``empty_body`` / ``truncated_image`` / ``corrupt_image``; 413 ``too_large`` /
-            ``too_many_pixels``; 415 ``not_an_image`` (not a recognised image, including text and SVG) /
+        ImageError: ``empty_body`` / ``truncated_image`` / ``corrupt_image``; ``too_large`` /
+            ``too_many_pixels``; ``not_an_image`` (not a recognised image, including text and SVG) /
             ``unsupported_format`` (an image format or pixel mode that is not allowed).
         ValueError: when the caps themselves are invalid.
     """
@@ -298,15 +308,15 @@ def decode_image(
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
     data = bytes(data)
     if not data:
-        raise ImageError(400, "empty_body", "the image is empty (0 bytes)")
+        raise ImageError("empty_body", "the image is empty (0 bytes)")
     if len(data) > max_bytes:
-        raise ImageError(413, "too_large", f"the image is {len(data)} bytes, more than the limit of {max_bytes}")
+        raise ImageError("too_large", f"the image is {len(data)} bytes, more than the limit of {max_bytes}")
     im = _open(data, formats, max_pixels)
     try:
         try:
             im.load()  # frame 0 only: animations are never decoded further
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageError(413, "too_many_pixels", f"image refused by the decompression-bomb guard: {err}") from None
+            raise ImageError("too_many_pixels", f"image refused by the decompression-bomb guard: {err}") from None
         except _DECODE_ERRORS as err:
             raise _broken(err, f"the {im.format} image could not be decoded") from None
         try:
@@ -350,19 +360,19 @@ def load_image_file(
     try:
         st = path.stat()
         if not path.is_file():
-            raise ImageError(400, "unreadable_file", f"{path} is not a regular file")
+            raise ImageError("unreadable_file", f"{path} is not a regular file")
         if st.st_size > max_bytes:
-            raise ImageError(413, "too_large", f"{path} is {st.st_size} bytes, more than the limit of {max_bytes}")
+            raise ImageError("too_large", f"{path} is {st.st_size} bytes, more than the limit of {max_bytes}")
         with path.open("rb") as f:
             data = f.read(max_bytes + 1)
     except FileNotFoundError:
-        raise ImageError(400, "unreadable_file", f"{path} does not exist") from None
+        raise ImageError("unreadable_file", f"{path} does not exist") from None
     except OSError as err:
-        raise ImageError(400, "unreadable_file", f"cannot read {path}: {err.strerror or err}") from None
+        raise ImageError("unreadable_file", f"cannot read {path}: {err.strerror or err}") from None
     try:
         return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, allowed_formats=allowed_formats)
     except ImageError as err:
-        raise ImageError(err.status, err.error, f"{path}: {err.detail}") from None
+        raise ImageError(err.error, f"{path}: {err.detail}") from None
 
 
 @dataclass(frozen=True)

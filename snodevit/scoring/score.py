@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from snodevit.data.sets import IMAGE_EXTENSIONS
 from snodevit.data.images import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, Preprocessing, load_image_file,
-    preprocess)
+                                  preprocess, undecodable)
 from snodevit.inference.params import AUTO
 from snodevit.inference.backends import LoadedModel
 from snodevit.inference.records import prediction_records
@@ -327,7 +327,8 @@ class ImageFiles(Dataset[tuple[int, torch.Tensor | None, str | None, str | None]
             return i, None, err.error, err.detail
         except Exception as err:  # noqa: BLE001 - one hostile file must not end a million-image run
             logger.debug("unexpected failure decoding %s", path, exc_info=True)
-            return i, None, "decode_failed", f"{path}: {type(err).__name__}: {err}"
+            refused = undecodable(err, path)
+            return i, None, refused.error, refused.detail
 
 
 def _collate(items: list[tuple[int, torch.Tensor | None, str | None, str | None]]) -> _Batch:
