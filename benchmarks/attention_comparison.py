@@ -630,7 +630,7 @@ def _readable_by_all(tmp_path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from snodevit.checkpoint import atomic_write_bytes
+    from calibration.files import atomic_write_bytes
 
     args = parse_args(argv)
     plan = make_plan(args)

@@ -63,7 +63,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from snodevit.machine import cpu_name  # noqa: E402
 from snodevit import MNIST_OVERRIDES, create_model  # noqa: E402
-from snodevit.checkpoint import atomic_write_bytes, atomic_write_json  # noqa: E402
+from calibration.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 DIGIT = REPO / "examples" / "digit_7.png"
 MICRO = dict(MNIST_OVERRIDES, dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4)

@@ -783,7 +783,7 @@ WHAT_WAS_TRIED = """
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    from snodevit.checkpoint import atomic_write_bytes
+    from calibration.files import atomic_write_bytes
 
     atomic_write_bytes(path, data)
 

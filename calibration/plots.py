@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ._io import atomic_write_bytes
+from .files import atomic_write_bytes
 from ._validation import check_correct, check_float_tensor, check_int_arg, check_scores
 from .metrics import ReliabilityBins
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from ._io import atomic_write_bytes
+from .files import atomic_write_bytes
 
 __all__ = ["SECTION_NOTES", "to_jsonable", "write_report"]
 

@@ -24,7 +24,8 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from snodevit.checkpoint import atomic_write_bytes, weights_hash
+from calibration.files import atomic_write_bytes
+from snodevit.checkpoint import weights_hash
 from snodevit.model import SNodeViT
 
 from .metadata import ATTENTION, FEATURES, IMAGES, LOGITS, NOISE, check_meta, encode_metadata

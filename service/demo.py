@@ -58,7 +58,8 @@ def copy_pretrained(source: Path, out: Path) -> str:
     Raises:
         SystemExit: ``source`` is not a finished run, or its weights do not match the SHA-256 in its meta.json.
     """
-    from snodevit.checkpoint import CheckpointError, atomic_write_bytes, load_model, weights_hash
+    from calibration.files import atomic_write_bytes
+    from snodevit.checkpoint import CheckpointError, load_model, weights_hash
 
     if not trained(source):
         raise SystemExit(f"service.demo: --pretrained {source} is not a finished training run "

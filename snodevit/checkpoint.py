@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from calibration.files import atomic_path, atomic_write_json
 from snodevit.config import SNodeViTConfig
 from snodevit.model import SNodeViT
 
@@ -30,29 +29,6 @@ META_FILE = "meta.json"
 
 class CheckpointError(ValueError):
     """A model directory is missing, incomplete or corrupt."""
-
-
-def atomic_write_bytes(path: Path, data: bytes, check: Callable[[str], None] | None = None) -> None:
-    """Write ``data`` beside ``path``, run ``check(temp_path)`` if given, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if check is not None:
-            check(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON so that readers see either the old file or the complete new one."""
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -69,15 +45,8 @@ def save_model(model: SNodeViT, directory: str | Path, meta: dict[str, Any] | No
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, directory / WEIGHTS_FILE)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     atomic_write_json(directory / CONFIG_FILE, model.cfg.to_dict())
     full_meta = dict(meta or {})
     full_meta["weights_sha256"] = weights_hash(model)
