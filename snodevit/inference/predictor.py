@@ -30,7 +30,7 @@ References:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -102,38 +102,66 @@ def predict(backend: SamplingBackend, images: Tensor, *, num_samples: NumSamples
                                        "torch" if isinstance(backend, torch.nn.Module) else "onnx")
     seeds = resolve_seeds(seed, images.shape[0])
     if num_samples == AUTO:
-        rule = adaptive or AdaptiveSampling()
-        noise = draw_noise(backend, seeds, rule.max_samples, device=images.device, dtype=images.dtype)
-        logits, attn, feats, used = adaptive_logits(backend, images, noise, cal, rule, attention, used_precision)
-        logits = logits[:int(used.max())]
-        if attn is not None:
-            attn = attn[:int(used.max())]
-        summary = summarize_by_count(logits, used, cal.temperature)
-        counts = used.tolist()
-        ood_score = None if cal.ood_gate is None else gate_by_count(cal.ood_gate, logits, feats, used,
-                                                                      cal.temperature)
+        drawn = _adaptive_samples(backend, images, seeds, cal, adaptive or AdaptiveSampling(), attention,
+                                  used_precision)
     else:
         assert isinstance(num_samples, int)
-        noise = draw_noise(backend, seeds, num_samples, device=images.device, dtype=images.dtype)
-        logits, attn, feats = run_passes(backend, images, noise, cal, attention, used_precision)
-        summary = summarize(logits, cal.temperature)
-        counts = [num_samples] * images.shape[0]
-        ood_score = None if cal.ood_gate is None else cal.ood_gate.image_scores(logits, feats, cal.temperature)
-    sets, used_alpha = None, None
+        drawn = _fixed_samples(backend, images, seeds, num_samples, cal, attention, used_precision)
+    sets, used_alpha = _conformal_sets(drawn.summary, cal, alpha)
+    accept, reasons, codes, flagged = decide_outcomes(drawn.summary, cal, drawn.ood_score)
+    maps, rollout = _attention(drawn, pool, adaptive=num_samples == AUTO)
+    return Prediction(drawn.summary, drawn.logits, seeds, sets, used_alpha, accept, reasons, drawn.counts, maps,
+                      rollout, reason_codes=codes, ood_score=drawn.ood_score, out_of_distribution=flagged,
+                      ood_gate=cal.ood_gate, precision=used_precision)
+
+
+class _Drawn(NamedTuple):
+    """The samples of a batch and what is computed from them alone."""
+
+    logits: Tensor  # (S, B, C); adaptive: S = the most any image used, NaN where an image stopped earlier
+    attention: Tensor | None  # (S, B, depth, N, N) or None
+    summary: UncertaintySummary
+    counts: list[int]  # samples each image used
+    ood_score: Tensor | None  # (B,) gate score, None without a gate
+
+
+def _fixed_samples(backend: SamplingBackend, images: Tensor, seeds: list[int], num_samples: int, cal: Calibration,
+                   attention: bool, precision: Precision) -> _Drawn:
+    noise = draw_noise(backend, seeds, num_samples, device=images.device, dtype=images.dtype)
+    logits, attn, feats = run_passes(backend, images, noise, cal, attention, precision)
+    gate = None if cal.ood_gate is None else cal.ood_gate.image_scores(logits, feats, cal.temperature)
+    return _Drawn(logits, attn, summarize(logits, cal.temperature), [num_samples] * images.shape[0], gate)
+
+
+def _adaptive_samples(backend: SamplingBackend, images: Tensor, seeds: list[int], cal: Calibration,
+                      rule: AdaptiveSampling, attention: bool, precision: Precision) -> _Drawn:
+    noise = draw_noise(backend, seeds, rule.max_samples, device=images.device, dtype=images.dtype)
+    logits, attn, feats, used = adaptive_logits(backend, images, noise, cal, rule, attention, precision)
+    most = int(used.max())
+    logits = logits[:most]
+    attn = None if attn is None else attn[:most]
+    gate = None if cal.ood_gate is None else gate_by_count(cal.ood_gate, logits, feats, used, cal.temperature)
+    return _Drawn(logits, attn, summarize_by_count(logits, used, cal.temperature), used.tolist(), gate)
+
+
+def _conformal_sets(summary: UncertaintySummary, cal: Calibration,
+                    alpha: float | None) -> tuple[Tensor | None, float | None]:
+    """(B, C) prediction sets at ``alpha`` (``default_alpha`` when None) and the alpha used; (None, None) for a
+    model without conformal calibration, which refuses an explicit alpha."""
     if cal.conformal_thresholds:
-        used_alpha = alpha if alpha is not None else default_alpha(cal)
-        sets = prediction_sets(summary.probs, cal.threshold_for(used_alpha), cal.conformal_score)
-    elif alpha is not None:
+        used = alpha if alpha is not None else default_alpha(cal)
+        assert used is not None
+        return prediction_sets(summary.probs, cal.threshold_for(used), cal.conformal_score), used
+    if alpha is not None:
         raise ValueError("this model has no conformal calibration; run `snodevit calibrate` first")
-    accept, reasons, codes, flagged = decide_outcomes(summary, cal, ood_score)
-    maps = rollout = None
-    if attn is not None:
-        if num_samples == AUTO:
-            per_image = [attention_maps(attn[:n, i:i + 1], pool) for i, n in enumerate(counts)]
-            maps = torch.cat([m for m, _ in per_image])
-            rollout = torch.cat([r for _, r in per_image])
-        else:
-            maps, rollout = attention_maps(attn, pool)
-    return Prediction(summary, logits, seeds, sets, used_alpha, accept, reasons, counts, maps, rollout,
-                      reason_codes=codes, ood_score=ood_score, out_of_distribution=flagged, ood_gate=cal.ood_gate,
-                      precision=used_precision)
+    return None, None
+
+
+def _attention(drawn: _Drawn, pool: str, adaptive: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Maps and rollout of the batch (each image over its own samples when adaptive), or (None, None)."""
+    if drawn.attention is None:
+        return None, None
+    if not adaptive:
+        return attention_maps(drawn.attention, pool)
+    per_image = [attention_maps(drawn.attention[:n, i:i + 1], pool) for i, n in enumerate(drawn.counts)]
+    return torch.cat([m for m, _ in per_image]), torch.cat([r for _, r in per_image])
