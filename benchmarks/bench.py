@@ -382,6 +382,7 @@ def model_path_cuda(variants: tuple[Variant, ...], cells: list[tuple[int, int]],
     import onnxruntime as ort
 
     from export import OnnxPredictor
+    from snodevit.inference.passes import sample_in_passes
 
     dev = torch.device("cuda")
     has_ort_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -409,9 +410,9 @@ def model_path_cuda(variants: tuple[Variant, ...], cells: list[tuple[int, int]],
                 with torch.inference_mode():
                     return model.sample_logits(x, noise=noise)
 
-            def folded_bf16() -> torch.Tensor:
-                with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-                    return model.sample_logits(x, noise=noise).float()
+            def folded_bf16() -> torch.Tensor:  # predict(precision="bf16"): the served rule, one pass on a GPU
+                with torch.inference_mode():
+                    return sample_in_passes(model, x, noise, precision="bf16")
 
             fns: dict[str, Callable[[], Any]] = {"loop": loop, "folded": folded, "folded_bf16": folded_bf16}
             if predictor is not None:
