@@ -12,26 +12,28 @@ conformal sets and the accept/review rule, does not pay for importing matplotlib
 import importlib
 from typing import Any
 
-from .density import FeatureDensity, fit_feature_density
-from .novelty import conformal_p_values, fit_novelty_threshold, novelty_flags
-from .conformal import conformal_coverage, conformal_quantile_index, fit_conformal_threshold, prediction_sets
-from .metrics import (
+from .calibration_error import (
     ReliabilityBins,
-    accuracy,
     adaptive_calibration_error,
-    aurc,
-    brier_score,
-    calibration_summary,
     classwise_calibration_error,
     expected_calibration_error,
     maximum_calibration_error,
-    misclassification_detection,
-    negative_log_likelihood,
-    ood_detection,
     reliability_bins,
-    risk_coverage_curve,
 )
-from .selective import SelectiveThreshold, decide, fit_selective_threshold, selective_figures
+from .conformal import conformal_coverage, conformal_quantile_index, fit_conformal_threshold, prediction_sets
+from .density import FeatureDensity, fit_feature_density
+from .detection import misclassification_detection, ood_detection
+from .novelty import conformal_p_values, fit_novelty_threshold, novelty_flags
+from .scoring_rules import accuracy, brier_score, negative_log_likelihood
+from .selective import (
+    SelectiveThreshold,
+    aurc,
+    decide,
+    fit_selective_threshold,
+    risk_coverage_curve,
+    selective_figures,
+)
+from .summary import calibration_summary
 from .temperature import apply_temperature, calibrated_nll, fit_temperature
 
 __all__ = [

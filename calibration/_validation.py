@@ -137,3 +137,19 @@ def check_correct(correct: Any, n: int, name: str = "correct") -> None:
             raise ValueError(f"`{name}` must be a bool tensor (or 0/1 integers), got dtype {correct.dtype}")
         if bool(((correct != 0) & (correct != 1)).any()):
             raise ValueError(f"`{name}` must hold only 0/1 (or True/False), got values {correct.unique().tolist()}")
+
+
+def check_probs_labels(probs: Any, labels: Any) -> None:
+    """Raise unless ``probs`` is (N, C) probability rows and ``labels`` (N,) class indices in [0, C).
+
+    The pair every probability metric takes, checked in one place (``probs`` first, so a bad ``probs`` is named
+    before the ``labels`` that would not match it).
+    """
+    check_probs(probs)
+    check_labels(labels, probs.shape[0], probs.shape[1])
+
+
+def check_scores_correct(scores: Any, correct: Any, scores_name: str = "scores") -> None:
+    """Raise unless ``scores`` is a finite floating (N,) tensor and ``correct`` an (N,) bool (or 0/1) tensor."""
+    check_scores(scores, scores_name)
+    check_correct(correct, scores.shape[0])

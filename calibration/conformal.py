@@ -46,7 +46,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._validation import check_bool_arg, check_choice, check_labels, check_open_unit_arg, check_probs, check_real_arg
+from ._validation import (check_bool_arg, check_choice, check_labels, check_open_unit_arg, check_probs, check_probs_labels,
+                          check_real_arg)
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +148,7 @@ def fit_conformal_threshold(probs: Tensor, labels: Tensor, alpha: float, score: 
     if randomized and score != "aps":
         raise ValueError(f"`randomized=True` is only defined for score='aps', got score={score!r}")
     _check_generator(generator)
-    check_probs(probs)
-    check_labels(labels, probs.shape[0], probs.shape[1])
+    check_probs_labels(probs, labels)
 
     n = probs.shape[0]
     u = torch.rand(n, generator=generator, dtype=torch.float64).to(probs.device) if randomized else None

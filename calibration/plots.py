@@ -2,7 +2,8 @@
 
 Every function draws on its own ``matplotlib.figure.Figure`` (no pyplot, so no global state and no GUI backend),
 returns the PNG bytes and, when ``path`` is given, also writes them there atomically. The figures show metric
-results computed elsewhere (``calibration.metrics``); they never recompute a metric.
+results computed elsewhere (``calibration.calibration_error``, ``calibration.selective``); they never recompute a
+metric.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from .files import atomic_write_bytes
-from ._validation import check_correct, check_float_tensor, check_int_arg, check_scores
-from .metrics import ReliabilityBins
+from ._validation import check_float_tensor, check_int_arg, check_scores, check_scores_correct
+from .calibration_error import ReliabilityBins
 
 __all__ = [
     "confidence_histogram",
@@ -61,11 +62,11 @@ def reliability_diagram(panels: Mapping[str, ReliabilityBins], *, ece: Mapping[s
     Each panel draws the accuracy of every equal-width confidence bin as a bar, the diagonal of perfect
     calibration, the gap between a bin's mean confidence and its accuracy shaded in red (overconfidence above
     the bar, underconfidence inside it), and the number of samples above each bar. A bin of confidences equal to
-    1.0 exactly (see :class:`~calibration.metrics.ReliabilityBins`) is drawn as a marker at confidence 1.
+    1.0 exactly (see :class:`~calibration.calibration_error.ReliabilityBins`) is drawn as a marker at confidence 1.
 
     Args:
-        panels: panel title -> bins from :func:`calibration.metrics.reliability_bins`, in display order.
-        ece: optional panel title -> ECE to print in the panel title (computed by the metrics module).
+        panels: panel title -> bins from :func:`calibration.calibration_error.reliability_bins`, in display order.
+        ece: optional panel title -> ECE to print in the panel title (computed by :mod:`calibration.calibration_error`).
         path: also write the PNG here.
 
     Returns:
@@ -147,7 +148,7 @@ def confidence_histogram(confidences: Mapping[str, Tensor], n_bins: int = 20, *,
 
 def risk_coverage_plot(curves: Mapping[str, tuple[Tensor, Tensor]], *, aurc: Mapping[str, float] | None = None,
                        path: PathLike | None = None) -> bytes:
-    """Risk-coverage curves of one or several scores (from :func:`calibration.metrics.risk_coverage_curve`).
+    """Risk-coverage curves of one or several scores (from :func:`calibration.selective.risk_coverage_curve`).
 
     Args:
         curves: method name -> ``(coverage, risk)`` pair of (N,) tensors.
@@ -203,8 +204,7 @@ def uncertainty_histogram(scores: Tensor, correct: Tensor, score_name: str = "en
         ValueError: on a bad ``n_bins`` or invalid tensors.
     """
     check_int_arg(n_bins, "n_bins", 1)
-    check_scores(scores)
-    check_correct(correct, scores.shape[0])
+    check_scores_correct(scores, correct)
     x, ok = _np(scores), correct.bool().cpu().numpy()
     lo, hi = float(x.min()), float(x.max())
     edges = np.linspace(lo, hi if hi > lo else lo + 1e-9, n_bins + 1)

@@ -1,4 +1,7 @@
-"""Selective prediction: accept a prediction only when its score clears a threshold fitted for a target risk.
+"""Selective prediction: the risk-coverage curve of a score, and a threshold fitted for a target risk.
+
+Both accept the most confident samples first and treat tied scores as one group (a threshold cannot split them);
+:func:`_tie_groups` is that ordering, written once.
 
 The threshold is the one that accepts the most calibration samples while the empirical error rate among the
 accepted stays at or below ``target_risk``. This is a plug-in rule on the calibration split, not a
@@ -6,7 +9,8 @@ high-probability guarantee (Geifman & El-Yaniv's SGR adds a binomial bound for t
 accepted samples fluctuates around the target, by about ``sqrt(r (1 - r) / n_accepted)``.
 
 References:
-    Geifman & El-Yaniv. "Selective Classification for Deep Neural Networks." NeurIPS 2017.
+    Geifman & El-Yaniv. "Selective Classification for Deep Neural Networks." NeurIPS 2017 (risk-coverage, AURC).
+    Geifman et al. "Bias-Reduced Uncertainty Estimation for Deep Neural Classifiers." ICLR 2019 (AURC).
 """
 
 from __future__ import annotations
@@ -17,15 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._validation import (
-    check_bool_arg,
-    check_closed_unit_arg,
-    check_correct,
-    check_real_arg,
-    check_scores,
-)
+from ._validation import check_bool_arg, check_closed_unit_arg, check_real_arg, check_scores, check_scores_correct
 
-__all__ = ["SelectiveThreshold", "decide", "fit_selective_threshold", "selective_figures"]
+__all__ = ["SelectiveThreshold", "aurc", "decide", "fit_selective_threshold", "risk_coverage_curve",
+           "selective_figures"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +42,40 @@ class SelectiveThreshold:
 
 def _accept(scores: Tensor, threshold: float, higher_is_confident: bool) -> Tensor:
     return scores >= threshold if higher_is_confident else scores <= threshold
+
+
+def _tie_groups(score: Tensor, correct: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The samples in accepting order (most confident first) and the groups of tied scores along it.
+
+    Args:
+        score: (N,) scores, higher = more confident.
+        correct: (N,) bool (or 0/1), True where the prediction was right.
+
+    Returns:
+        ``(order, counts, end, cum_err)``: the (N,) int64 permutation that sorts ``score`` in descending order
+        (stable, so equal scores keep their input order), the (G,) sizes of the tie groups along it, the (G,)
+        accepted count after each group, and the (N,) float64 running count of errors along ``order``.
+    """
+    s = score.double().cpu()
+    order = torch.sort(s, descending=True, stable=True).indices
+    cum_err = torch.cumsum((~correct.bool().cpu()[order]).double(), 0)
+    _, counts = torch.unique_consecutive(s[order], return_counts=True)
+    end = torch.cumsum(counts, 0)  # accepted count when the threshold sits at each tie group
+    return order, counts, end, cum_err
+
+
+def _risk_coverage_compute(score: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
+    """Risk-coverage with ties resolved in expectation. ``score``: (N,), higher = more confident."""
+    n = score.numel()
+    _, counts, end, cum_err = _tie_groups(score, correct)
+    start = end - counts
+    err_end = cum_err[end - 1]
+    err_start = torch.cat([torch.zeros(1, dtype=torch.float64), err_end[:-1]])
+    rate = (err_end - err_start) / counts  # error rate inside each tie group
+    k = torch.arange(1, n + 1, dtype=torch.float64)
+    start_k = start.repeat_interleave(counts).double()
+    errors_k = err_start.repeat_interleave(counts) + (k - start_k) * rate.repeat_interleave(counts)
+    return k / n, errors_k / k
 
 
 def fit_selective_threshold(scores: Tensor, correct: Tensor, target_risk: float = 0.02,
@@ -85,29 +118,28 @@ def fit_selective_threshold(scores: Tensor, correct: Tensor, target_risk: float 
     check_bool_arg(higher_is_confident, "higher_is_confident")
     if not isinstance(score_name, str) or not score_name:
         raise ValueError(f"`score_name` must be a non-empty string, got {score_name!r}")
-    check_scores(scores)
-    check_correct(correct, scores.shape[0])
+    check_scores_correct(scores, correct)
+    threshold, coverage, risk = _fit_compute(scores, correct, float(target_risk), higher_is_confident)
+    return SelectiveThreshold(threshold=threshold, score_name=score_name, higher_is_confident=higher_is_confident,
+                              target_risk=float(target_risk), coverage=coverage, risk=risk,
+                              n_calibration=scores.numel())
 
+
+def _fit_compute(scores: Tensor, correct: Tensor, target_risk: float,
+                 higher_is_confident: bool) -> tuple[float, float, float]:
+    """``(threshold, coverage, risk)`` of the widest tie-group cut whose risk is at most ``target_risk``.
+
+    When no cut qualifies: ``(+inf, 0.0, nan)`` (``-inf`` for uncertainty scores), a rule that accepts nothing.
+    """
     n = scores.numel()
     s = scores.double().cpu()
-    oriented = s if higher_is_confident else -s
-    order = torch.sort(oriented, descending=True, stable=True).indices
-    sorted_oriented = oriented[order]
-    err = (~correct.bool().cpu()[order]).double()
-    cum_err = torch.cumsum(err, 0)
-    _, counts = torch.unique_consecutive(sorted_oriented, return_counts=True)
-    end = torch.cumsum(counts, 0)  # accepted count when the threshold sits at each tie group
+    order, _, end, cum_err = _tie_groups(s if higher_is_confident else -s, correct)
     risk = cum_err[end - 1] / end
-    ok = risk <= float(target_risk) + 1e-12
+    ok = risk <= target_risk + 1e-12
     if not bool(ok.any()):
-        none = math.inf if higher_is_confident else -math.inf
-        return SelectiveThreshold(threshold=none, score_name=score_name, higher_is_confident=higher_is_confident,
-                                  target_risk=float(target_risk), coverage=0.0, risk=math.nan, n_calibration=n)
+        return (math.inf if higher_is_confident else -math.inf), 0.0, math.nan
     best = int(torch.nonzero(ok).max())  # groups are in accepting order, so the last qualifying covers most
-    threshold = float(s[order[int(end[best]) - 1]])
-    return SelectiveThreshold(threshold=threshold, score_name=score_name, higher_is_confident=higher_is_confident,
-                              target_risk=float(target_risk), coverage=float(end[best]) / n,
-                              risk=float(risk[best]), n_calibration=n)
+    return float(s[order[int(end[best]) - 1]]), float(end[best]) / n, float(risk[best])
 
 
 def _resolve_rule(threshold: float | SelectiveThreshold, higher_is_confident: bool | None) -> tuple[float, bool]:
@@ -177,9 +209,74 @@ def selective_figures(scores: Tensor, correct: Tensor, threshold: float | Select
         {'coverage': 0.5, 'risk': 0.5, 'n_accepted': 2}
     """
     t, higher = _resolve_rule(threshold, higher_is_confident)
-    check_scores(scores)
-    check_correct(correct, scores.shape[0])
+    check_scores_correct(scores, correct)
     accept = _accept(scores.double(), t, higher)
     n_acc = int(accept.sum())
     errors = int((accept & ~correct.bool()).sum())
     return {"coverage": n_acc / scores.numel(), "risk": errors / n_acc if n_acc else math.nan, "n_accepted": n_acc}
+
+
+def risk_coverage_curve(confidence_or_score: Tensor, correct: Tensor,
+                        higher_is_confident: bool = True) -> tuple[Tensor, Tensor]:
+    r"""Selective risk at each coverage when the most confident samples are accepted first.
+
+    Accepting the ``k`` most confident of N samples gives
+
+    .. math::
+        \mathrm{coverage}_k = \frac{k}{N}, \qquad \mathrm{risk}_k = \frac{\#\{\text{errors among the } k\}}{k},
+        \quad k = 1, \dots, N.
+
+    Tied scores cannot be split by a threshold, so inside a tie group the error count is interpolated linearly
+    (the expected count if tied samples were accepted in random order); the curve therefore does not depend on
+    the input order.
+
+    Args:
+        confidence_or_score: (N,) confidence (or any score).
+        correct: (N,) bool, True where the prediction was right.
+        higher_is_confident: True when a larger score means more confident (max-probability); False for
+            uncertainty scores (entropy, mutual information).
+
+    Returns:
+        ``(coverage, risk)``: two (N,) float64 tensors, coverage increasing from 1/N to 1.
+
+    Raises:
+        ValueError: on a bad ``higher_is_confident`` or invalid tensors.
+
+    Example:
+        >>> conf, correct = torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([True, False, True, False])
+        >>> cov, risk = risk_coverage_curve(conf, correct)
+        >>> cov.tolist(), risk.tolist()
+        ([0.25, 0.5, 0.75, 1.0], [0.0, 0.5, 0.3333333333333333, 0.5])
+    """
+    check_bool_arg(higher_is_confident, "higher_is_confident")
+    check_scores_correct(confidence_or_score, correct, "confidence_or_score")
+    score = confidence_or_score if higher_is_confident else -confidence_or_score
+    return _risk_coverage_compute(score, correct)
+
+
+def aurc(confidence_or_score: Tensor, correct: Tensor, higher_is_confident: bool = True) -> float:
+    r"""Area under the risk-coverage curve: the mean selective risk over the N coverage points.
+
+    .. math::
+        \mathrm{AURC} = \frac{1}{N} \sum_{k=1}^{N} \mathrm{risk}_k
+
+    (the right Riemann sum over coverage steps of 1/N, Geifman et al. 2019's definition; lower is better, and a
+    perfect ranking of a model with error rate r reaches ``r + (1 - r) log(1 - r)``).
+
+    Args:
+        confidence_or_score: (N,) confidence (or any score).
+        correct: (N,) bool, True where the prediction was right.
+        higher_is_confident: True when a larger score means more confident.
+
+    Returns:
+        The AURC in [0, 1] as a float.
+
+    Raises:
+        ValueError: on a bad ``higher_is_confident`` or invalid tensors.
+
+    Example:
+        >>> aurc(torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([True, False, True, False]))
+        0.3333333333333333
+    """
+    _, risk = risk_coverage_curve(confidence_or_score, correct, higher_is_confident)
+    return float(risk.mean())

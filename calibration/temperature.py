@@ -38,6 +38,11 @@ def _check_logit_samples(logit_samples: Tensor) -> None:
                          f"{tuple(logit_samples.shape)}")
 
 
+def _check_logits_labels(logit_samples: Tensor, labels: Tensor) -> None:
+    _check_logit_samples(logit_samples)
+    check_labels(labels, logit_samples.shape[1], logit_samples.shape[2])
+
+
 def _mixture_nll(logits: Tensor, labels: Tensor, log_t: Tensor) -> Tensor:
     """NLL of ``mean_s softmax(z_s / T)`` at the labels, computed in log space (stable for any T).
 
@@ -79,8 +84,7 @@ def calibrated_nll(logit_samples: Tensor, labels: Tensor, temperature: float = 1
         0.643669
     """
     check_positive_finite_arg(temperature, "temperature")
-    _check_logit_samples(logit_samples)
-    check_labels(labels, logit_samples.shape[1], logit_samples.shape[2])
+    _check_logits_labels(logit_samples, labels)
     log_t = torch.tensor(math.log(temperature), dtype=torch.float64, device=logit_samples.device)
     return float(_mixture_nll(logit_samples.double(), labels.long(), log_t))
 
@@ -119,9 +123,27 @@ def fit_temperature(logit_samples: Tensor, labels: Tensor, max_iter: int = 100, 
     """
     check_int_arg(max_iter, "max_iter", 1)
     check_positive_finite_arg(init, "init")
-    _check_logit_samples(logit_samples)
-    check_labels(labels, logit_samples.shape[1], logit_samples.shape[2])
+    _check_logits_labels(logit_samples, labels)
+    logits, y, log_t = _lbfgs_log_temperature(logit_samples, labels, max_iter, init)
+    t = float(log_t.detach().exp())
+    t = min(max(t, T_MIN), T_MAX) if math.isfinite(t) else math.nan
+    return _no_worse_than_one(logits, y, t)
 
+
+def _lbfgs_log_temperature(logit_samples: Tensor, labels: Tensor, max_iter: int,
+                           init: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Minimise the mixture NLL over ``log T`` with L-BFGS (strong-Wolfe line search).
+
+    Args:
+        logit_samples: (S, N, C) Monte Carlo logits.
+        labels: (N,) class indices.
+        max_iter: maximum number of L-BFGS iterations.
+        init: starting temperature.
+
+    Returns:
+        ``(logits, y, log_t)``: the (S, N, C) float64 copy of the logits, the (N,) int64 labels on their device,
+        and the fitted (1,) log temperature (unclipped).
+    """
     # a fresh float64 copy made with autograd on, so this also works when called under no_grad/inference_mode
     with torch.inference_mode(False), torch.enable_grad():
         logits = logit_samples.detach().to(torch.float64, copy=True)
@@ -137,9 +159,17 @@ def fit_temperature(logit_samples: Tensor, labels: Tensor, max_iter: int = 100, 
             return loss
 
         optimizer.step(closure)
+    return logits, y, log_t
 
-    t = float(log_t.detach().exp())
-    t = min(max(t, T_MIN), T_MAX) if math.isfinite(t) else math.nan
+
+def _no_worse_than_one(logits: Tensor, y: Tensor, t: float) -> float:
+    """``t`` when its calibration NLL is finite and no higher than at T = 1; otherwise 1.0, with a warning.
+
+    Args:
+        logits: (S, N, C) float64 logits.
+        y: (N,) int64 labels.
+        t: the clipped fitted temperature, or NaN when the fit diverged.
+    """
     with torch.no_grad():
         nll_1 = float(_mixture_nll(logits, y, torch.zeros((), dtype=torch.float64, device=logits.device)))
         nll_t = (float(_mixture_nll(logits, y, torch.tensor(math.log(t), dtype=torch.float64, device=logits.device)))

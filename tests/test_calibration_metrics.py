@@ -1,4 +1,5 @@
-"""calibration.metrics against independent references (torchmetrics, scikit-learn, plain numpy loops) and
+"""The metrics of calibration (calibration_error, scoring_rules, selective's risk-coverage, detection, summary)
+against independent references (torchmetrics, scikit-learn, plain numpy loops) and
 hand-computed edge cases."""
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
-import calibration.metrics as M
+import calibration as M
+from calibration import calibration_error, detection, scoring_rules, selective, summary
 
 tm_cls = pytest.importorskip("torchmetrics.functional.classification")
 
@@ -292,7 +294,7 @@ def test_detection_matches_sklearn(seed: int, higher: bool) -> None:
 
 
 def test_misclassification_degenerate_is_nan_with_warning(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="calibration.metrics"):
+    with caplog.at_level(logging.WARNING, logger="calibration.detection"):
         out = M.misclassification_detection(torch.rand(5), torch.ones(5, dtype=torch.bool))
     assert all(math.isnan(v) for v in out.values())
     assert "all 5 predictions are right" in caplog.text
@@ -370,5 +372,9 @@ def test_other_metrics_reject_invalid_input() -> None:
 
 
 def test_metrics_doctests() -> None:
-    result = doctest.testmod(M, verbose=False)
-    assert result.attempted > 10 and result.failed == 0
+    attempted = 0
+    for module in (calibration_error, scoring_rules, selective, detection, summary):
+        result = doctest.testmod(module, verbose=False, extraglobs={"torch": torch})
+        assert result.failed == 0, module.__name__
+        attempted += result.attempted
+    assert attempted > 10

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import calibration
-from calibration import metrics as M
+import calibration as M
 from calibration import plots as P
 from calibration import report as R
 from calibration.selective import fit_selective_threshold
