@@ -313,7 +313,7 @@ def _logits(backend: Any, images: torch.Tensor, prep: Any, num_samples: int, see
     Images are normalised with the model's preprocessing (mnist5k's mean/std), as a served image is.
     """
     from snodevit import predict
-    from snodevit.data.images import normalize
+    from snodevit.data import normalize
 
     out = []
     for start in range(0, images.shape[0], batch):

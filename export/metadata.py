@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from snodevit.config import SNodeViTConfig
-from snodevit.data.images import Preprocessing
+from snodevit.data import Preprocessing
 from snodevit.inference.fitted import Calibration
 
 PREFIX = "snodevit."

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from snodevit.checkpoint import CheckpointError
 from snodevit.config import SNodeViTConfig
-from snodevit.data.images import Preprocessing
+from snodevit.data import Preprocessing
 from snodevit.device import resolve_device
 from snodevit.inference.backends import LoadedModel, meta_beside, register_backend
 from snodevit.inference.fitted import Calibration

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from snodevit.data.images import (DEFAULT_ALLOWED_FORMATS, ImageError, decode_image, normalize, to_uint8_tensor,
+from snodevit.data import (DEFAULT_ALLOWED_FORMATS, ImageError, decode_image, normalize, to_uint8_tensor,
                                   undecodable)
 from snodevit.inference.adaptive import AdaptiveSampling
 from snodevit.inference.params import AUTO, MAX_SEED, NumSamples, resolve_seeds

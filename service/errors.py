@@ -16,7 +16,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from snodevit.data.images import ImageError
+from snodevit.data import ImageError
 
 logger = logging.getLogger(__name__)
 

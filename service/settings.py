@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from snodevit.data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from snodevit.data import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from snodevit.inference.precision import PRECISIONS
 
 

@@ -54,7 +54,7 @@ def fit_test_gate(model: Any, review_rate: float = GATE_REVIEW_RATE) -> dict[str
 
     from calibration import fit_feature_density, fit_novelty_threshold
     from snodevit.data.sets import load_dataset
-    from snodevit.data.images import normalize
+    from snodevit.data import normalize
     from snodevit.inference.fitted import Calibration, OodGate
     from snodevit.inference.passes import draw_noise
     from snodevit.inference.predictor import predict

@@ -24,7 +24,7 @@ import calibration as cal
 from snodevit import MNIST_OVERRIDES, create_model, save_model
 from snodevit.cli.main import main
 from snodevit.cli.evaluate import collect
-from snodevit.data.sets import ImageTensorDataset, load_dataset
+from snodevit.data import ImageTensorDataset, load_dataset
 from snodevit.inference.fitted import Calibration
 from snodevit.inference.summary import summarize
 from snodevit.inference.backends import open_model

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from snodevit.data.sets import (CIFAR10_MEAN, MNIST5K_MEAN, MNIST5K_STD, VALID_FORMS, DataError, DatasetBundle,
-    ImageTensorDataset, load_dataset, make_loader, parse_data_spec, stratified_split, train_transform)
-from snodevit.data.images import Preprocessing, preprocess
+from snodevit.data import (CIFAR10_MEAN, MNIST5K_MEAN, MNIST5K_STD, VALID_FORMS, DataError, DatasetBundle,
+    ImageTensorDataset, Preprocessing, load_dataset, make_loader, parse_data_spec, preprocess, stratified_split,
+    train_transform)
 
 SPLIT_NAMES = ("train", "calibration", "test")
 

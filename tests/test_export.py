@@ -22,7 +22,7 @@ from snodevit import MNIST_OVERRIDES, Calibration, SNodeViT, create_model, predi
 from snodevit.checkpoint import read_meta, weights_hash
 from snodevit.cli.main import main
 from snodevit.config import ATTENTION_TYPES
-from snodevit.data.images import Preprocessing
+from snodevit.data import Preprocessing
 
 TOL = 1e-4
 SMALL = dict(MNIST_OVERRIDES, dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4)

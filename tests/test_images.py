@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageFile
 
 from service.errors import IMAGE_ERROR_STATUS
-from snodevit.data.images import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, Preprocessing, decode_image,
+from snodevit.data import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, Preprocessing, decode_image,
     load_image_file, normalize, preprocess, resize_tensor, standardize_mode, to_uint8_tensor)
 
 

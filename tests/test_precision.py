@@ -11,7 +11,7 @@ import torch
 
 import snodevit.inference.precision
 from snodevit.data.sets import load_dataset
-from snodevit.data.images import normalize
+from snodevit.data import normalize
 from snodevit.inference.fitted import Calibration
 from snodevit.inference.predictor import predict
 from snodevit.inference.backends import open_model

@@ -28,7 +28,7 @@ import snodevit.scoring.score
 from calibration import calibration_summary
 from snodevit.cli.main import main
 from snodevit.data.sets import load_dataset
-from snodevit.data.images import load_image_file, preprocess
+from snodevit.data import load_image_file, preprocess
 from snodevit.inference.backends import open_model
 from snodevit.inference.records import prediction_records
 from snodevit.scoring.score import ROW_FIELDS, record_row

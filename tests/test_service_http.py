@@ -97,7 +97,7 @@ def test_same_seed_same_json(client) -> None:
 
 
 def test_num_samples_auto_reports_the_samples_used(client, prepared) -> None:
-    from snodevit.data.images import decode_image, normalize, to_uint8_tensor
+    from snodevit.data import decode_image, normalize, to_uint8_tensor
     from snodevit.inference.backends import open_model
     from service.store import resolve
 

@@ -66,7 +66,7 @@ def test_ready_after_warm_up(svc) -> None:
 
 def test_classify_matches_the_shared_inference_path(svc, prepared) -> None:
     """Same image, seed and samples: the numbers of open_model().predict + prediction_records, to the bit."""
-    from snodevit.data.images import decode_image, preprocess
+    from snodevit.data import decode_image, preprocess
     from snodevit.inference.backends import open_model
     from snodevit.inference.records import prediction_records
 

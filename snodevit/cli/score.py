@@ -34,7 +34,7 @@ import sys
 from typing import Any
 
 from snodevit.cli.errors import CLIError, EXIT_USAGE
-from snodevit.data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from snodevit.data import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from snodevit.cli._common import (add_device_flag, add_json_flag, add_precision_flag, emit, non_negative_int,
     positive_int, resolve_device)
 

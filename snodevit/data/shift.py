@@ -1,7 +1,7 @@
 """Shifted and out-of-distribution inputs for calibration-under-shift experiments, as uint8 images.
 
 Everything here returns uint8 (N, C, H, W) tensors, so the images go through the same normalisation as a served
-image (:class:`snodevit.data.ImageTensorDataset` -> :func:`snodevit.images.normalize`):
+image (:class:`snodevit.data.ImageTensorDataset` -> :func:`snodevit.data.normalize`):
 
 * :func:`rotate_images`: test images rotated by a fixed angle, the "rotated MNIST" shift of Ovadia et al.
   (angles 0-180 degrees in 15 degree steps, :data:`ROTATION_ANGLES`).
@@ -24,12 +24,14 @@ References:
 from __future__ import annotations
 
 import math
+import string
 
 import torch
 import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms.v2 import InterpolationMode
 
-from snodevit.data.images import Preprocessing, resize_tensor
+from snodevit.data.preprocessing import Preprocessing, resize_tensor
 
 #: Rotation angles of the shift sweep, in degrees (Ovadia et al. 2019: 0 to 180 in 15 degree steps).
 ROTATION_ANGLES: tuple[float, ...] = tuple(float(a) for a in range(0, 181, 15))
@@ -91,8 +93,7 @@ def uniform_noise_images(n: int, prep: Preprocessing, seed: int = 0) -> torch.Te
 
 def _sample_photos(channels: int) -> list[torch.Tensor]:
     """scikit-learn's sample photographs (china.jpg, flower.jpg) as uint8 (C, H, W), gray or RGB."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
+    from sklearn.datasets import load_sample_images  # scikit-learn takes about a second to import; only here
 
     mode = "L" if channels == 1 else "RGB"
     out = []
@@ -107,7 +108,7 @@ def photo_crops(n: int, prep: Preprocessing, seed: int = 0) -> torch.Tensor:
 
     The side of each crop is drawn uniformly from :data:`CROP_SIDES` (28 to 192 pixels of a 427x640 photo), so
     the set holds both near-flat texture patches and crops with objects and edges; the crops are resized like a
-    served image (:func:`snodevit.images.resize_tensor`, bilinear, antialiased). Grayscale for a 1-channel model.
+    served image (:func:`snodevit.data.resize_tensor`, bilinear, antialiased). Grayscale for a 1-channel model.
 
     Args:
         n: number of crops, >= 1.
@@ -170,10 +171,6 @@ def letter_images(n: int, prep: Preprocessing, seed: int = 0) -> torch.Tensor:
     Drawn with Pillow's built-in scalable font (``ImageFont.load_default(size)``): a printed, not handwritten,
     alphabet, so they are out of distribution by class and by style.
     """
-    import string
-
-    from PIL import Image, ImageDraw, ImageFont
-
     _check_count(n)
     gen = torch.Generator().manual_seed(seed)
     letters = string.ascii_letters

@@ -47,8 +47,8 @@ import calibration as cal
 from calibration.conformal import conformal_quantile_index
 from calibration.report import to_jsonable
 
-from snodevit.data.sets import DIGIT_CLASSES, DatasetBundle, load_dataset
-from snodevit.data.images import normalize, resize_tensor
+from snodevit.data import DIGIT_CLASSES, DatasetBundle, load_dataset
+from snodevit.data import normalize, resize_tensor
 from snodevit.inference.decide import LOW_CONFIDENCE, OUT_OF_DISTRIBUTION, decide_outcomes
 from snodevit.inference.fitted import GATE_SCORES, Calibration, OodGate
 from snodevit.inference.passes import draw_noise, sample_in_passes

@@ -18,7 +18,7 @@ import torch
 from snodevit.checkpoint import CheckpointError, load_model, read_meta
 from snodevit.config import SNodeViTConfig
 from snodevit.device import resolve_device
-from snodevit.data.images import Preprocessing
+from snodevit.data import Preprocessing
 from snodevit.inference.fitted import Calibration
 from snodevit.inference.passes import SamplingBackend
 from snodevit.inference.predictor import Prediction, predict

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from snodevit.data.sets import IMAGE_EXTENSIONS
-from snodevit.data.images import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, Preprocessing, load_image_file,
+from snodevit.data import IMAGE_EXTENSIONS
+from snodevit.data import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, Preprocessing, load_image_file,
                                   preprocess, undecodable)
 from snodevit.inference.params import AUTO
 from snodevit.inference.backends import LoadedModel
