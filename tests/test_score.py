@@ -24,14 +24,15 @@ import torch
 from PIL import Image
 
 import snodevit
-import snodevit.scoring.score
+import snodevit.scoring.output
 from calibration import calibration_summary
+from snodevit.cli import score as score_command
 from snodevit.cli.main import main
 from snodevit.data.sets import load_dataset
 from snodevit.data import load_image_file, preprocess
 from snodevit.inference.backends import open_model
 from snodevit.inference.records import prediction_records
-from snodevit.scoring.score import ROW_FIELDS, record_row
+from snodevit.scoring import ROW_FIELDS, record_row
 
 SMALL = dict(snodevit.MNIST_OVERRIDES, dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4)
 CALIBRATION = {"temperature": 1.3, "conformal_score": "aps", "conformal_thresholds": {"0.05": 0.9},
@@ -195,17 +196,17 @@ def test_decoding_in_worker_processes_gives_the_same_rows(
 # ----------------------------------------------------------------------------------------------------- resume
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, n_batches: int) -> None:
     """Make the next run stop with KeyboardInterrupt right after its n-th batch has been written."""
-    real = snodevit.scoring.score.score_files
+    real = score_command.score_files
 
     def stop(n: int) -> None:
         if n == n_batches:
             raise KeyboardInterrupt
 
     def patched(*args: Any, **kwargs: Any) -> Any:
-        monkeypatch.setattr(snodevit.scoring.score, "score_files", real)  # only the next run
+        monkeypatch.setattr(score_command, "score_files", real)  # only the next run
         return real(*args, on_batch=stop, **kwargs)
 
-    monkeypatch.setattr(snodevit.scoring.score, "score_files", patched)
+    monkeypatch.setattr(score_command, "score_files", patched)
 
 
 def test_an_interrupted_run_resumed_gives_exactly_the_rows_of_an_uninterrupted_run(
@@ -290,7 +291,7 @@ def _from_csv(row: dict[str, str]) -> dict[str, Any]:
 def test_csv_jsonl_and_parquet_hold_the_same_rows(
         tmp_path: Path, model_dir: Path, digits: tuple[torch.Tensor, torch.Tensor],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(snodevit.scoring.score, "_CHUNK_ROWS", 4)  # several Parquet row groups
+    monkeypatch.setattr(snodevit.scoring.output, "_CHUNK_ROWS", 4)  # several Parquet row groups
     _write_digits(tmp_path / "in", digits, range(10), class_folders=True)
     (tmp_path / "in" / str(int(digits[1][0])) / "bad.png").write_text("nope")
     args = [tmp_path / "in", "--model", model_dir, "--batch-size", 4, *QUIET]
@@ -321,7 +322,7 @@ def _plain_loop(model_dir: Path, paths: list[Path], labels: list[int], num_sampl
 def test_an_image_folder_yields_the_accuracy_and_calibration_of_a_plain_loop(
         tmp_path: Path, model_dir: Path, digits: tuple[torch.Tensor, torch.Tensor],
         capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(snodevit.scoring.score, "_CHUNK_ROWS", 8)  # the labelled rows are packed in several blocks
+    monkeypatch.setattr(snodevit.scoring.output, "_CHUNK_ROWS", 8)  # the labelled rows are packed in several blocks
     paths = _write_digits(tmp_path / "in", digits, range(30), class_folders=True)
     (tmp_path / "in" / str(int(digits[1][0])) / "bad.png").write_text("nope")  # failed rows do not count
     labels = [int(digits[1][i]) for i in range(30)]
@@ -430,7 +431,7 @@ def test_argument_syntax_errors_exit_2(tmp_path: Path, model_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------------- onnx
 def test_the_onnx_backend_scores_the_same_answers(
         tmp_path: Path, model_dir: Path, digits: tuple[torch.Tensor, torch.Tensor]) -> None:
-    export = pytest.importorskip("export.runtime")  # noqa: F841 - the ONNX predictor is needed
+    pytest.importorskip("export.runtime")  # the ONNX predictor is needed
     from export import export_onnx
 
     model, meta = snodevit.load_model(model_dir)

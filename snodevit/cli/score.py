@@ -31,31 +31,36 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
 
-from snodevit.cli.errors import CLIError, EXIT_USAGE
-from snodevit.data import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from snodevit.checkpoint import CheckpointError
 from snodevit.cli._common import (add_device_flag, add_json_flag, add_precision_flag, emit, non_negative_int,
-    positive_int, resolve_device)
+                                  positive_int, resolve_device)
+from snodevit.cli.errors import EXIT_USAGE, CLIError
+from snodevit.data import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from snodevit.inference.backends import LoadedModel, open_model
+from snodevit.inference.params import NumSamples, check_alpha, parse_num_samples
+from snodevit.scoring import (ScoreError, ScoreSettings, ScoreSummary, expand_inputs, plan_output, read_labels_file,
+                              run_header, score_files)
 
 
-def _num_samples(text: str) -> int | str:
-    if text.strip().lower() == "auto":
-        return "auto"
+def _num_samples(text: str) -> NumSamples:
+    """``--num-samples``: an integer >= 1 or "auto", by the rule the service applies to its ``num_samples``."""
     try:
-        return positive_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {text!r}") from None
+        return parse_num_samples(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _unit_interval(text: str) -> float:
+def _alpha(text: str) -> float:
+    """``--alpha``: a number in (0, 1), by the rule of ``snodevit.inference.params``."""
     try:
-        v = float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {v}")
-    return v
+        raise argparse.ArgumentTypeError(f"alpha must be a number in (0, 1), got {text!r}") from None
+    try:
+        return check_alpha(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -76,7 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="noise seed of every image, as the service's `seed` (default 0)")
     p.add_argument("--top-k", type=positive_int, default=3, help="classes listed in top_k (default 3)")
-    p.add_argument("--alpha", type=_unit_interval, default=None,
+    p.add_argument("--alpha", type=_alpha, default=None,
                    help="conformal miscoverage of the prediction sets (default: the smallest calibrated one)")
     p.add_argument("--workers", type=non_negative_int, default=min(2, os.cpu_count() or 1),
                    help="decoding processes; 0 decodes in the main process (default min(2, CPUs))")
@@ -92,10 +97,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _open(args: argparse.Namespace) -> Any:
-    from snodevit.checkpoint import CheckpointError
-    from snodevit.inference.backends import open_model
-
+def _open(args: argparse.Namespace) -> LoadedModel:
     device = str(resolve_device(args.device))
     try:
         return open_model(args.model, args.backend, device, args.precision)
@@ -107,7 +109,7 @@ def _open(args: argparse.Namespace) -> Any:
         raise CLIError(f"cannot open --model {args.model}: {err}") from None
 
 
-def _human(summary: Any) -> str:
+def _human(summary: ScoreSummary) -> str:
     s = summary
     lines = [f"scored {s.images} images -> {s.output} ({s.scored} ok, {s.failed} failed)"]
     if s.errors:
@@ -130,9 +132,6 @@ def _human(summary: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from snodevit.scoring.score import (ScoreError, ScoreSettings, expand_inputs, plan_output, read_labels_file,
-        run_header, score_files)
-
     try:
         settings = ScoreSettings(num_samples=args.num_samples, seed=args.seed, top_k=args.top_k, alpha=args.alpha,
                                  batch_size=args.batch_size, workers=args.workers, max_bytes=args.max_bytes,

@@ -64,6 +64,13 @@ def check_seed(seed: int) -> int:
     return seed
 
 
+def check_alpha(alpha: float) -> float:
+    """``alpha`` if it is a conformal miscoverage in (0, 1). Raises ValueError naming the parameter otherwise."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    return alpha
+
+
 def default_alpha(calibration: "Calibration") -> float | None:
     """The conformal miscoverage used when a request names none: the smallest fitted alpha (the largest, safest
     sets), or None when no conformal threshold was fitted."""
