@@ -1,4 +1,5 @@
-"""Tests of snodevit.data.decode and snodevit.data.preprocessing: refusal of bad input with the right status, decoding of odd but valid input."""
+"""Tests of snodevit.data.decode and snodevit.data.preprocessing: refusal of bad input with the right code (and
+the service's status for it), decoding of odd but valid input."""
 
 from __future__ import annotations
 
