@@ -38,7 +38,7 @@ from snodevit.cli._common import (add_device_flag, add_json_flag, add_precision_
 from snodevit.cli.errors import EXIT_USAGE, CLIError
 from snodevit.data import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from snodevit.inference.backends import LoadedModel, open_model
-from snodevit.inference.params import NumSamples, check_alpha, parse_num_samples
+from snodevit.inference.params import DEFAULT_NUM_SAMPLES, NumSamples, check_alpha, parse_num_samples
 from snodevit.scoring import (ScoreError, ScoreSettings, ScoreSummary, expand_inputs, plan_output, read_labels_file,
                               run_header, score_files)
 
@@ -75,9 +75,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_device_flag(p)
     add_precision_flag(p)
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--num-samples", type=_num_samples, default=8,
+    p.add_argument("--num-samples", type=_num_samples, default=DEFAULT_NUM_SAMPLES,
                    help="Monte Carlo samples per image, or 'auto': rounds of 8 until the label, decision and "
-                        "uncertainty are settled, at most 32; the num_samples column says how many (default 8)")
+                        "uncertainty are settled, at most 32; the num_samples column says how many (default "
+                        f"{DEFAULT_NUM_SAMPLES}, as the service's)")
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="noise seed of every image, as the service's `seed` (default 0)")
     p.add_argument("--top-k", type=positive_int, default=3, help="classes listed in top_k (default 3)")

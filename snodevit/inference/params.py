@@ -12,6 +12,9 @@ if TYPE_CHECKING:
 
 MAX_SEED = 2**63 - 1  # seeds are in [0, MAX_SEED]: what a torch.Generator takes
 AUTO = "auto"  # num_samples value that asks for adaptive sampling
+#: S when a request or a command names none: the service's and `snodevit score`'s default, and the S the shipped
+#: calibration was fitted with (`snodevit calibrate`), so the decision thresholds hold for default answers
+DEFAULT_NUM_SAMPLES = 32
 NumSamples = int | Literal["auto"]
 
 

@@ -1,6 +1,6 @@
 """Decoding image files in DataLoader workers: a file that cannot be read becomes an error item, never an exception.
 
-Each file goes through :func:`snodevit.data.images.load_image_file` + :func:`snodevit.data.images.preprocess`,
+Each file goes through :func:`snodevit.data.load_image_file` + :func:`snodevit.data.preprocess`,
 the decoder and preprocessing of the HTTP service, and a failure carries the same error code the service answers
 with.
 """
@@ -40,7 +40,7 @@ class ImageFiles(Dataset[Item]):
         paths: all paths of the run.
         indices: (M,) int64 indices into ``paths`` still to score.
         prep: the model's preprocessing.
-        max_bytes / max_pixels: caps of :func:`snodevit.data.images.load_image_file`.
+        max_bytes / max_pixels: caps of :func:`snodevit.data.load_image_file`.
     """
 
     def __init__(self, paths: PathTable, indices: np.ndarray, prep: Preprocessing, max_bytes: int,

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from snodevit.data import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Preprocessing
 from snodevit.inference.backends import LoadedModel
-from snodevit.inference.params import NumSamples, check_alpha, check_num_samples, check_seed
+from snodevit.inference.params import DEFAULT_NUM_SAMPLES, NumSamples, check_alpha, check_num_samples, check_seed
 from snodevit.inference.records import prediction_records
 from snodevit.scoring.errors import ScoreError
 from snodevit.scoring.files import Batch, ImageFiles, collate, worker_init
@@ -40,7 +40,7 @@ class ScoreSettings:
     :mod:`snodevit.inference.params`, the rules the service applies too.
     """
 
-    num_samples: NumSamples = 8  # S Monte Carlo samples per image, or "auto" (adaptive, at most 32)
+    num_samples: NumSamples = DEFAULT_NUM_SAMPLES  # S per image (the service's default), or "auto" (adaptive)
     seed: int = 0  # noise seed of every image: same image + seed -> same answer (as the service's ``seed``)
     top_k: int = 3  # classes listed in ``top_k``
     alpha: float | None = None  # conformal miscoverage; None: the smallest fitted alpha (``default_alpha``)
