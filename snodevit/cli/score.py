@@ -9,7 +9,7 @@ INPUT forms:
   @LIST, X.txt    a text file with one image path per line, relative to the list file's folder
 
 Each row holds the answer of the HTTP service for that image with the same --seed and --num-samples
-(snodevit.records.prediction_records): label, class_index, confidence, top_k, uncertainty_total /
+(snodevit.inference.records.prediction_records): label, class_index, confidence, top_k, uncertainty_total /
 _aleatoric / _epistemic (nats), uncertainty_std, prediction_set, alpha, decision, reason, seed, num_samples
 (the samples that image used: with --num-samples auto, as many as the adaptive rule drew),
 plus path, true_label and error / error_detail (empty when the image was scored). In CSV, top_k and
