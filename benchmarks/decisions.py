@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from snodevit.evaluation.calibrate import (FAR_OOD_SETS, GOAL_ACCEPTED, GOAL_FAR_OOD_REVIEW, GOAL_FAR_OOD_SETS,
+from snodevit.evaluation import (FAR_OOD_SETS, GOAL_ACCEPTED, GOAL_FAR_OOD_REVIEW, GOAL_FAR_OOD_SETS,
     GOAL_ID_ERROR, GOAL_SHIFT_ERROR, decision_figures)
 from snodevit.cli.main import main as cli_main
 from snodevit.data.sets import load_dataset

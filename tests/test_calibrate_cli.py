@@ -1,8 +1,8 @@
 """`snodevit calibrate` on a tiny random model: what it stores, what it reports, and how it refuses bad input.
 
 The fitted numbers are checked against the `calibration` package run independently on logits collected with
-``snodevit.commands.evaluate.collect``, and the stored calibration against what ``open_model(...).predict`` then
-answers. The shifted and OOD inputs of ``snodevit.shift`` are checked here too.
+``snodevit.evaluation.collect``, and the stored calibration against what ``open_model(...).predict`` then
+answers. The shifted and OOD inputs of ``snodevit.data.shift`` are checked here too.
 """
 
 from __future__ import annotations
@@ -22,16 +22,20 @@ from PIL import Image
 
 import calibration as cal
 from snodevit import MNIST_OVERRIDES, create_model, save_model
+from snodevit.cli.calibrate import _human
 from snodevit.cli.main import main
-from snodevit.cli.evaluate import collect
 from snodevit.data import ImageTensorDataset, load_dataset
+from snodevit.evaluation import CalibrateConfig, collect
+from snodevit.evaluation.goals import goals
+from snodevit.evaluation.pipeline import SELECTION_NOTE, CalibrationResult, report_intro, selected_on_calibration_split
+from snodevit.evaluation.sections import conformal_figures
 from snodevit.inference.fitted import Calibration
 from snodevit.inference.summary import summarize
 from snodevit.inference.backends import open_model
 from snodevit.data.shift import ROTATION_ANGLES, photo_crops, rotate_images, uniform_noise_images
 
 TINY = dict(dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4)
-QUICK_IMAGES, QUICK_SAMPLES = 200, 4  # what --quick uses (snodevit.calibrate.quick_config)
+QUICK_IMAGES, QUICK_SAMPLES = 200, 4  # what --quick uses (snodevit.evaluation.quick_config)
 TARGET_RISK = 0.9  # a random model is right 1 time in 10: a reachable target, so the threshold is finite
 SECTIONS = ("goals", "temperature", "calibration", "conformal", "selective", "misclassification", "shift",
             "domain_shift", "ood", "ood_gate", "decisions_under_shift", "setup")
@@ -222,8 +226,6 @@ def test_json_headline_reads_the_metrics(run: dict[str, Any]) -> None:
 
 def test_conformal_figures_measure_bare_and_served_sets_and_the_goal_reads_the_bare_ones() -> None:
     """On an accurate classifier the two kinds of set differ; the quick run's random model has no empty sets."""
-    from snodevit.evaluation.calibrate import CalibrateConfig, _conformal_figures, _goals
-
     # calibrated synthetic probabilities, ~99 % top-1 accuracy: one class per image gets a logit boost of ~10
     g = torch.Generator().manual_seed(0)
     n, c, alpha = 6000, 10, 0.1
@@ -235,7 +237,7 @@ def test_conformal_figures_measure_bare_and_served_sets_and_the_goal_reads_the_b
     q = cal.fit_conformal_threshold(probs[:2000], labels[:2000], alpha, "lac")
     test_p, test_y = probs[2000:], labels[2000:]
 
-    row = _conformal_figures(test_p, test_y, q, "lac", alpha)
+    row = conformal_figures(test_p, test_y, q, "lac", alpha)
     served = cal.prediction_sets(test_p, q, "lac")
     bare = cal.prediction_sets(test_p, q, "lac", allow_empty=True)
     assert (row["coverage"], row["mean_set_size"]) == pytest.approx(cal.conformal_coverage(served, test_y))
@@ -246,7 +248,7 @@ def test_conformal_figures_measure_bare_and_served_sets_and_the_goal_reads_the_b
     assert row["coverage"] >= row["top1_accuracy"] > 1 - alpha + 0.02  # the served sets over-cover
 
     m = {"calibration": {"after": {"ece": 0.005, "accuracy": row["top1_accuracy"]}}, "conformal": {"alpha=0.1": row}}
-    goal = _goals(m, CalibrateConfig(alphas=(alpha,)))["coverage alpha=0.1"]
+    goal = goals(m, CalibrateConfig(alphas=(alpha,)))["coverage alpha=0.1"]
     assert goal["measured"] == row["bare_coverage"] and goal["met"] is True
     assert "unreachable" not in goal["note"]
     assert f"cover {row['coverage']:.3f} (>= top-1 accuracy {row['top1_accuracy']:.3f})" in goal["note"]
@@ -254,8 +256,6 @@ def test_conformal_figures_measure_bare_and_served_sets_and_the_goal_reads_the_b
 
 
 def test_human_printout_shows_bare_and_served_sets(run: dict[str, Any]) -> None:
-    from snodevit.cli.calibrate import _human
-
     h = run["headline"]
     text = _human(h, run["model"], run["out"], quick=True)
     for a in ("0.05", "0.1"):
@@ -274,10 +274,7 @@ def test_human_printout_shows_bare_and_served_sets(run: dict[str, Any]) -> None:
     ({}, False),
 ])
 def test_the_report_warns_when_the_model_was_selected_on_the_calibration_split(meta: dict, selected: bool) -> None:
-    from snodevit.evaluation.calibrate import (SELECTION_NOTE, CalibrationResult, _selected_on_calibration_split,
-        report_intro)
-
-    assert _selected_on_calibration_split(meta, "mnist5k") is selected
+    assert selected_on_calibration_split(meta, "mnist5k") is selected
     setup = {"calibration_images": 500, "test_images": 500, "data": "mnist5k", "num_samples": 32,
              "model_selected_on_calibration_split": selected}
     intro = report_intro(CalibrationResult(Calibration(), {"setup": setup}, {}, {}), "m")
@@ -375,8 +372,6 @@ def _gate_scores(loaded: Any, images: torch.Tensor) -> torch.Tensor:
 
 
 def test_gate_threshold_is_the_conformal_novelty_threshold_of_the_calibration_split(run: dict[str, Any]) -> None:
-    from snodevit.evaluation.calibrate import CalibrateConfig
-
     loaded = open_model(run["model"])
     gate = loaded.calibration.ood_gate
     assert gate is not None and gate.score == "feature_density" and gate.density is not None

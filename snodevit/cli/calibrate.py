@@ -12,15 +12,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from calibration import write_report
+
+from snodevit.checkpoint import update_meta
 from snodevit.cli._common import add_device_flag, add_json_flag, add_precision_flag, emit, positive_int
+from snodevit.cli.errors import CLIError
+from snodevit.data.sets import load_dataset
+from snodevit.evaluation import (CONFORMAL_SCORES, DECISION_SCORES, CalibrateConfig, calibrate_model, quick_config,
+    report_intro)
+from snodevit.inference.backends import open_model
+from snodevit.inference.fitted import GATE_SCORES
 
 logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from snodevit.evaluation.calibrate import CONFORMAL_SCORES, DECISION_SCORES, CalibrateConfig
-    from snodevit.inference.fitted import GATE_SCORES
-
+    """Register ``snodevit calibrate``; its defaults are those of :class:`CalibrateConfig`."""
     d = CalibrateConfig()
     p = sub.add_parser("calibrate", help="fit and store the calibration of a model; write a calibration report",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,8 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from snodevit.cli.errors import CLIError
-
+    """Refuse bad flags with the flag's name, before the model is opened."""
     bad = [a for a in args.alphas if not 0.0 < a < 1.0]
     if bad:
         raise CLIError(f"--alphas must each be in (0, 1), got {' '.join(f'{a:g}' for a in bad)} "
@@ -72,6 +78,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _human(h: dict[str, Any], model: Path, out: Path, quick: bool) -> str:
+    """The printout for people: the headline figures ``h`` (read, never recomputed), one line per fact."""
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{100 * v:.2f}%"
 
@@ -100,8 +107,9 @@ def _human(h: dict[str, Any], model: Path, out: Path, quick: bool) -> str:
     if gate is None:
         lines.append("  out-of-distribution gate: none")
     else:
-        lines.append(f"  out-of-distribution gate ({gate['score']}): review when score > {float(gate['threshold']):.4g} "
-                     f"(fitted to review {pct(gate['review_rate'])} of in-distribution images)")
+        lines.append(f"  out-of-distribution gate ({gate['score']}): review when score > "
+                     f"{float(gate['threshold']):.4g} (fitted to review {pct(gate['review_rate'])} of "
+                     "in-distribution images)")
     lines.append("  decisions (accepted / error among accepted / sent to review as out of distribution):")
     for name, row in h["decisions"].items():
         lines.append(f"    {name:<18} {pct(row['accepted']):>8} / {pct(row['error_among_accepted']):>8} / "
@@ -113,15 +121,16 @@ def _human(h: dict[str, Any], model: Path, out: Path, quick: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from calibration import write_report
+    """Fit the calibration of ``--model``, write the report to ``--out``, then store the calibration in meta.json
+    (last, so a run that fails leaves the model as it was).
 
-    from snodevit.evaluation.calibrate import CalibrateConfig, calibrate_model, quick_config, report_intro
-    from snodevit.checkpoint import update_meta
-    from snodevit.data.sets import load_dataset
-    from snodevit.inference.backends import open_model
-
+    Returns:
+        0; a bad argument raises ``CLIError`` and a model or data set that does not fit raises ``ValueError``
+        (both exit 2 through the CLI's error handling).
+    """
     _check_args(args)
-    loaded = open_model(args.model, "torch", args.device, args.precision)  # CheckpointError (exit 2) when it is not a model
+    # CheckpointError (exit 2) when it is not a model
+    loaded = open_model(args.model, "torch", args.device, args.precision)
     bundle = load_dataset(args.data, image_size=loaded.preprocessing.image_size)
     options: dict[str, Any] = dict(alphas=tuple(args.alphas), target_risk=args.target_risk,
                                    decision_score=args.decision_score, conformal_score=args.conformal_score,
