@@ -13,11 +13,11 @@ from snodevit.inference.fitted import Calibration
 from snodevit.inference.predictor import Prediction, predict
 from snodevit.inference.summary import UncertaintySummary, attention_maps, summarize
 from snodevit.model import SNodeViT, count_parameters, create_model
-from snodevit.nn.sde import SOLVERS, SolverSpec
+from snodevit.nn.solvers import SOLVERS, Solver, SolverSpec
 
 __all__ = [
     "Calibration", "CheckpointError", "MNIST_OVERRIDES", "Prediction", "SNodeViT", "SNodeViTConfig", "SOLVERS",
-    "SolverSpec", "UncertaintySummary", "attention_maps", "count_parameters", "create_model", "get_config",
+    "Solver", "SolverSpec", "UncertaintySummary", "attention_maps", "count_parameters", "create_model", "get_config",
     "list_variants", "load_model", "predict", "register_variant", "save_model", "summarize",
 ]
 __version__ = "0.1.0"

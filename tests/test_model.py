@@ -7,7 +7,8 @@ import torch
 
 from snodevit import MNIST_OVERRIDES, SNodeViTConfig, count_parameters, create_model, get_config, list_variants
 from snodevit.config import ATTENTION_TYPES
-from snodevit.nn.sde import SOLVERS, check_solver
+from snodevit.nn.attention import _iterative_pinv
+from snodevit.nn.solvers import SOLVERS, check_solver
 
 SMALL = dict(MNIST_OVERRIDES, dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4)
 
@@ -185,8 +186,6 @@ def test_performer_features_are_fixed_in_eval_and_redrawn_in_training() -> None:
 
 
 def test_nystrom_pseudo_inverse_matches_torch_pinv() -> None:
-    from snodevit.nn.attention import _iterative_pinv
-
     a = torch.softmax(torch.randn(3, 6, 6, dtype=torch.float64), dim=-1)
     torch.testing.assert_close(_iterative_pinv(a, iters=20), torch.linalg.pinv(a), atol=1e-6, rtol=1e-6)
 

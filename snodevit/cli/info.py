@@ -7,6 +7,7 @@ import math
 
 from snodevit.config import ATTENTION_TYPES, MNIST_OVERRIDES, get_config, list_variants
 from snodevit.model import SNodeViT, count_parameters
+from snodevit.nn.solvers import SOLVERS
 from snodevit.cli._common import add_json_flag, emit
 
 
@@ -28,10 +29,17 @@ def run(args: argparse.Namespace) -> int:
         rows[label] = {"parameters": count_parameters(m), "tokens": cfg.num_tokens,
                        "noise_per_sample": math.prod(cfg.noise_shape(1, 1))}
     cfg = get_config(args.variant, attention=args.attention)
+    solver = SOLVERS[cfg.solver]
+    evals = solver.drift_evals_per_step
     lines = [f"{args.variant}: dim {cfg.dim}, depth {cfg.depth}, heads {cfg.num_heads}, rank {cfg.rank}, "
-             f"attention {cfg.attention}, solver {cfg.solver} x {cfg.num_steps} steps, noise dim {cfg.noise_dim}"]
+             f"attention {cfg.attention}, solver {cfg.solver} x {cfg.num_steps} steps ({solver.sde_type}, strong "
+             f"order {solver.strong_order:g}, {evals} drift evaluation{'s' if evals > 1 else ''} per step), "
+             f"noise dim {cfg.noise_dim}"]
     for label, r in rows.items():
         lines.append(f"  {label:32s} {r['parameters'] / 1e6:7.2f}M parameters, {r['tokens']} tokens, "
                      f"{r['noise_per_sample']} noise values per sample")
-    emit(args, {"variant": args.variant, "config": cfg.to_dict(), "inputs": rows}, "\n".join(lines))
+    solver_info = {"name": solver.name, "sde_type": solver.sde_type, "strong_order": solver.strong_order,
+                   "drift_evals_per_step": solver.drift_evals_per_step}
+    emit(args, {"variant": args.variant, "config": cfg.to_dict(), "solver": solver_info, "inputs": rows},
+         "\n".join(lines))
     return 0

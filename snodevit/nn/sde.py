@@ -1,4 +1,4 @@
-"""Continuous blocks integrated as stochastic differential equations, and their solvers.
+"""Continuous blocks integrated as stochastic differential equations by the solvers of :mod:`snodevit.nn.solvers`.
 
 Each block integrates ``dX = f(X, t) dt + G(X, t) dW`` over t in [0, 1] in K fixed steps, where the drift
 ``f`` is a pre-norm attention + MLP update modulated by the TimeNet and the diffusion acts in a learned
@@ -23,49 +23,17 @@ References:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from snodevit.nn.attention import build_attention
 from snodevit.config import SNodeViTConfig
+from snodevit.nn.attention import build_attention
+from snodevit.nn.solvers import NOISE_GENERAL, NOISE_NONE, SOLVERS, Solver, check_solver
 from snodevit.nn.timenet import TimeNet, TimeParams
 
-# Noise types and SDE interpretations, named as in torchsde.
-NOISE_GENERAL = "general"
-NOISE_NONE = "none"
-SDE_ITO = "ito"
-SDE_STRATONOVICH = "stratonovich"
-
-
-@dataclass(frozen=True)
-class SolverSpec:
-    """What a fixed-step solver supports; checked once when a model is built (torchsde ``base_solver``)."""
-
-    name: str
-    sde_type: str  # the interpretation of the stochastic integral it converges to
-    noise_types: tuple[str, ...]  # noise structures it handles
-    strong_order: float  # strong order for general (non-commutative) noise
-    drift_evals_per_step: int  # cost in drift evaluations
-
-
-SOLVERS: dict[str, SolverSpec] = {
-    "euler": SolverSpec("euler", SDE_ITO, (NOISE_GENERAL, NOISE_NONE), 0.5, 1),
-    "heun": SolverSpec("heun", SDE_STRATONOVICH, (NOISE_GENERAL, NOISE_NONE), 0.5, 2),
-}
-
-
-def check_solver(solver: str, noise_type: str) -> SolverSpec:
-    """Return the solver's spec, raising ValueError if it cannot integrate this noise type."""
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
-    spec = SOLVERS[solver]
-    if noise_type not in spec.noise_types:
-        raise ValueError(f"solver {solver!r} does not support noise type {noise_type!r}; it supports {spec.noise_types}")
-    return spec
-
+__all__ = ["SOLVERS", "BlockAux", "DiffusionMagnitude", "SDEBlock", "check_solver"]
 
 class DiffusionMagnitude(nn.Module):
     """SDE-Net's data-dependent diffusion: the logit of a per-image magnitude c(x) from the embedded tokens.
@@ -101,6 +69,42 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return torch.addcmul(shift, x, 1.0 + scale)
 
 
+class _BlockSDE:
+    """One block's SDE on its time grid for one forward pass, as its solver sees it (:class:`SDEFunctions`).
+
+    It also sums what every drift evaluation applied (attention weights, regulariser), whichever solver asks
+    for how many, so that the block can report their mean and sum.
+    """
+
+    def __init__(self, block: "SDEBlock", tp: TimeParams, need_weights: bool) -> None:
+        self.block, self.tp, self.need_weights = block, tp, need_weights
+        self.dt = 1.0 / block.num_steps
+        self.sqrt_dt = self.dt**0.5
+        self.weights_sum: Tensor | None = None
+        self.reg_sum: Tensor | None = None
+        self.evals = 0
+
+    def prepare(self, x: Tensor) -> Tensor:
+        return self.block.norm1(x)  # read by the drift and the diffusion alike
+
+    def drift(self, x: Tensor, prepared: Tensor, k: int) -> Tensor:
+        f, w, r = self.block.drift(x, prepared, self.tp, k, self.need_weights)
+        self.evals += 1
+        if w is not None:
+            self.weights_sum = w if self.weights_sum is None else self.weights_sum + w
+        if r is not None:
+            self.reg_sum = r if self.reg_sum is None else self.reg_sum + r
+        return f
+
+    def diffusion(self, prepared: Tensor, k: int, xi: Tensor) -> Tensor:
+        return self.block.diffusion(prepared, self.tp, k, xi, self.sqrt_dt)
+
+    def aux(self) -> BlockAux:
+        """The mean attention over the drift evaluations and the summed regulariser."""
+        weights = self.weights_sum / self.evals if self.weights_sum is not None else None
+        return BlockAux(weights, self.reg_sum)
+
+
 class SDEBlock(nn.Module):
     """One continuous block: drift = attention + MLP conditioned on t, low-rank diffusion."""
 
@@ -111,15 +115,15 @@ class SDEBlock(nn.Module):
         stochastic = cfg.stochastic if stochastic is None else (stochastic and cfg.stochastic)
         self.num_steps = cfg.num_steps
         self.noise_dim = cfg.noise_dim if stochastic else 0
-        self.spec = check_solver(cfg.solver, NOISE_GENERAL if stochastic else NOISE_NONE)
+        # chosen and checked against the block's noise once, here; forward only calls its step
+        self.solver: Solver = check_solver(cfg.solver, NOISE_GENERAL if stochastic else NOISE_NONE)
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.attn = build_attention(cfg)
         hidden = int(d * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, d),
                                  nn.Dropout(cfg.dropout))
-        self.timenet = TimeNet(d, cfg.num_heads, cfg.effective_rank, self.noise_dim, cfg.time_embed_dim,
-                               cfg.time_hidden_dim, cfg.diffusion_scale)
+        self.timenet = TimeNet(cfg, stochastic)
         if stochastic:
             self.diff_gate = nn.Linear(d, cfg.noise_dim)  # s(X): state dependence of the diffusion
             self.diff_out = nn.Linear(cfg.noise_dim, d, bias=False)  # U: the diffusion subspace
@@ -159,39 +163,12 @@ class SDEBlock(nn.Module):
         Returns:
             The tokens at t = 1, (B, N, D), and the block's auxiliary outputs.
         """
-        steps = self.num_steps
-        dt = 1.0 / steps
-        sqrt_dt = dt**0.5
         tp = self.timenet(self.t_grid.to(x.dtype))
+        sde = _BlockSDE(self, tp, need_weights)
         stochastic = self.noise_dim > 0 and noise is not None
-        weights_sum: Tensor | None = None
-        reg_sum: Tensor | None = None
-        evals = 0
+        for k in range(self.num_steps):
+            x = self.solver.step(sde, k, x, noise[:, k] if stochastic else None)
+        return x, sde.aux()
 
-        def collect(w: Tensor | None, r: Tensor | None) -> None:
-            nonlocal weights_sum, reg_sum, evals
-            evals += 1
-            if w is not None:
-                weights_sum = w if weights_sum is None else weights_sum + w
-            if r is not None:
-                reg_sum = r if reg_sum is None else reg_sum + r
-
-        for k in range(steps):
-            x_norm = self.norm1(x)  # shared by the drift and the diffusion at (x, t_k)
-            f0, w, r = self.drift(x, x_norm, tp, k, need_weights)
-            collect(w, r)
-            g0 = self.diffusion(x_norm, tp, k, noise[:, k], sqrt_dt) if stochastic else None
-            x_pred = torch.add(x, f0, alpha=dt)  # x + f dt (+ G dW): the Euler-Maruyama step
-            if g0 is not None:
-                x_pred = x_pred + g0
-            if self.spec.name == "euler":
-                x = x_pred
-            else:  # Stratonovich Heun: predictor, then trapezoidal corrector for drift and diffusion
-                pred_norm = self.norm1(x_pred)
-                f1, w, r = self.drift(x_pred, pred_norm, tp, k + 1, need_weights)
-                collect(w, r)
-                x = torch.add(x, f0 + f1, alpha=0.5 * dt)
-                if g0 is not None:
-                    x = x + 0.5 * (g0 + self.diffusion(pred_norm, tp, k + 1, noise[:, k], sqrt_dt))
-        weights = weights_sum / evals if weights_sum is not None else None
-        return x, BlockAux(weights, reg_sum)
+    def extra_repr(self) -> str:
+        return f"solver={self.solver}, num_steps={self.num_steps}, noise_dim={self.noise_dim}"

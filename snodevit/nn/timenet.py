@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from snodevit.config import SNodeViTConfig
+
 
 class TimeParams(NamedTuple):
     shift1: Tensor  # (T, D)
@@ -38,22 +40,31 @@ def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
 class TimeNet(nn.Module):
     """MLP from the embedding of t to the time-dependent parameters of one block."""
 
-    def __init__(self, dim: int, num_heads: int, rank: int, noise_dim: int, embed_dim: int, hidden_dim: int,
-                 diffusion_scale: float) -> None:
+    def __init__(self, cfg: SNodeViTConfig, stochastic: bool = True) -> None:
+        """The TimeNet of one block of a model with config ``cfg`` (nanoGPT's ``Block(config)``).
+
+        Args:
+            cfg: the model's config: ``dim``, ``num_heads``, ``effective_rank``, ``noise_dim``, ``time_embed_dim``,
+                ``time_hidden_dim`` and ``diffusion_scale`` shape it.
+            stochastic: whether the block has a diffusion term; an ODE block (False, or a model with
+                ``noise_dim == 0``) gets no diffusion gate sigma(t).
+        """
         super().__init__()
-        self.dim, self.num_heads, self.rank, self.noise_dim = dim, num_heads, rank, noise_dim
-        self.embed_dim = embed_dim
-        self.diffusion_scale = diffusion_scale
-        self.net = nn.Sequential(nn.Linear(embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, self._out_dim))
+        self.dim, self.num_heads, self.rank = cfg.dim, cfg.num_heads, cfg.effective_rank
+        self.noise_dim = cfg.noise_dim if stochastic else 0
+        self.embed_dim = cfg.time_embed_dim
+        self.diffusion_scale = cfg.diffusion_scale
+        self.net = nn.Sequential(nn.Linear(self.embed_dim, cfg.time_hidden_dim), nn.SiLU(),
+                                 nn.Linear(cfg.time_hidden_dim, self._out_dim))
         # Start as a plain pre-norm residual block: zero modulation, unit gates, lambda = 1, sigma = scale / 2.
         out = self.net[-1]
         nn.init.zeros_(out.weight)
         nn.init.zeros_(out.bias)
         with torch.no_grad():
-            d = dim
+            d = self.dim
             out.bias[2 * d:3 * d] = 1.0
             out.bias[5 * d:6 * d] = 1.0
-            out.bias[6 * d:6 * d + num_heads * rank] = math.log(math.e - 1.0)  # softplus^-1(1)
+            out.bias[6 * d:6 * d + self.num_heads * self.rank] = math.log(math.e - 1.0)  # softplus^-1(1)
 
     @property
     def _out_dim(self) -> int:
