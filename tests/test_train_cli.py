@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.optim.swa_utils import AveragedModel
 
 from snodevit import MNIST_OVERRIDES, CheckpointError, create_model, load_model, save_model
 from snodevit.cli.main import build_parser, main
 from snodevit.data.sets import load_dataset
-from snodevit.training.train import TrainConfig, cpu_has_bf16, train_model
+from snodevit.training.train import TrainConfig, cpu_has_bf16, ema_multi_avg_fn, train_model
 
 TINY = dict(dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4)
 
@@ -114,6 +115,7 @@ def test_cli_train_then_evaluate_json(tmp_path: Path, capsys: pytest.CaptureFixt
     figures = json.loads(capsys.readouterr().out)
     assert figures["config"]["image_size"] == 16 and figures["best_epoch"] >= 1
     assert figures["config"]["noise_blocks"] == 1
+    assert figures["config"]["num_steps"] == 2  # plain tiny: no field rewritten behind the flags (the preset has 1)
     # The checkpoint says how it was made: the full command, defaults spelled out, re-parsable to the same run.
     made = json.loads((out / "meta.json").read_text())["provenance"]
     argv = shlex.split(made["command"])
@@ -137,10 +139,6 @@ def test_cli_info_prints_parameter_counts(capsys: pytest.CaptureFixture) -> None
 
 def test_ema_average_matches_a_plain_loop() -> None:
     """AveragedModel with ema_multi_avg_fn equals a hand-written EMA with timm's warm-up of the decay."""
-    from torch.optim.swa_utils import AveragedModel
-
-    from snodevit.training.train import ema_multi_avg_fn
-
     torch.manual_seed(0)
     live = torch.nn.Linear(3, 2)
     ema = AveragedModel(live, multi_avg_fn=ema_multi_avg_fn(0.9))

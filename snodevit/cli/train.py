@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from snodevit.config import ATTENTION_TYPES, POOL_TYPES, SOLVER_TYPES, get_config, list_variants
+from snodevit.config import ATTENTION_TYPES, POOL_TYPES, SOLVER_TYPES, SNodeViTConfig, get_config, list_variants
 from snodevit.data.sets import load_dataset
 from snodevit.machine import cpu_name
 from snodevit.model import SNodeViT, count_parameters
@@ -23,7 +23,9 @@ from snodevit.cli._common import add_device_flag, add_json_flag, emit, positive_
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model", description=__doc__)
-    p.add_argument("--variant", default="tiny", choices=list_variants())
+    p.add_argument("--variant", default="tiny", choices=list_variants(),
+                   help="a named variant, or a preset such as snodevit_mnist, the shipped model's architecture "
+                        "(tiny with one solver step per block); the flags below override its fields")
     p.add_argument("--data", default="mnist5k", help="mnist5k, digits, imagefolder:PATH or cifar10:PATH")
     p.add_argument("--out", required=True, type=Path, help="model directory to write")
     p.add_argument("--epochs", type=positive_int, default=TrainConfig.epochs)
@@ -74,6 +76,27 @@ def model_overrides_for(prep_size: int, channels: int, num_classes: int) -> dict
     return dict(image_size=prep_size, in_channels=channels, patch_size=patch, num_classes=num_classes, stem="conv")
 
 
+def model_config(args: argparse.Namespace, image_size: int, channels: int, num_classes: int) -> SNodeViTConfig:
+    """The config to train: ``--variant`` (a variant or a preset), the data's input fields, then the flags given.
+
+    Nothing else is changed: ``--variant tiny`` is plain tiny, the shipped architecture is ``--variant
+    snodevit_mnist``.
+
+    Raises:
+        ValueError: an image size the patch size does not divide, or an invalid field value.
+    """
+    overrides = model_overrides_for(image_size, channels, num_classes)
+    for key in ("attention", "solver", "num_steps", "noise_dim", "noise_blocks", "pool", "dropout", "diffusion_scale"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    if args.ood_diffusion_scale is not None:
+        overrides["ood_diffusion_scale"] = args.ood_diffusion_scale
+    elif args.ood_diffusion_weight > 0:
+        overrides["ood_diffusion_scale"] = DEFAULT_OOD_DIFFUSION_SCALE
+    return get_config(args.variant, **overrides)
+
+
 #: Parsed arguments that do not change what is trained: the rest of ``args`` is the recipe.
 _NOT_RECIPE = frozenset({"command", "func", "verbose", "json", "no_progress"})
 
@@ -103,18 +126,7 @@ def run(args: argparse.Namespace) -> int:
     augment = "light_flip" if args.data.startswith("cifar10") else "light"
     bundle = load_dataset(args.data, image_size=args.image_size, augment=augment)
     prep = bundle.preprocessing
-    overrides = model_overrides_for(prep.image_size, prep.channels, bundle.num_classes)
-    for key in ("attention", "solver", "num_steps", "noise_dim", "noise_blocks", "pool", "dropout", "diffusion_scale"):
-        value = getattr(args, key)
-        if value is not None:
-            overrides[key] = value
-    if args.ood_diffusion_scale is not None:
-        overrides["ood_diffusion_scale"] = args.ood_diffusion_scale
-    elif args.ood_diffusion_weight > 0:
-        overrides["ood_diffusion_scale"] = DEFAULT_OOD_DIFFUSION_SCALE
-    if args.variant == "tiny" and args.num_steps is None:
-        overrides["num_steps"] = 1  # the demo budget: one Euler-Maruyama step per block (see README)
-    cfg = get_config(args.variant, **overrides)
+    cfg = model_config(args, prep.image_size, prep.channels, bundle.num_classes)
     torch.manual_seed(args.seed)
     model = SNodeViT(cfg)
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, keep=args.keep,
