@@ -251,15 +251,7 @@ class SNodeViT(nn.Module):
         """
         self._check_input(images)
         b = images.shape[0]
-        if noise is None:
-            if num_samples is None or num_samples < 1:
-                raise ValueError(f"num_samples must be >= 1 when no noise is given, got {num_samples!r}")
-            s = num_samples
-            if self.cfg.stochastic:
-                noise = self.draw_noise(b, s, generator, device=images.device, dtype=images.dtype)
-        else:
-            self._check_noise(noise, b, num_samples)
-            s = noise.shape[0]
+        noise, s = self._sample_noise(images, num_samples, noise, generator)
         tokens = self.embed(images)  # (B, N, D), computed once for all samples
         scale = self.diffusion_magnitude(tokens) if noise is not None else None
         if scale is not None and noise is not None:
@@ -279,20 +271,38 @@ class SNodeViT(nn.Module):
         tokens = tokens.unsqueeze(0).expand(s, b, n, d).reshape(s * b, n, d)  # (S*B, N, D)
         folded = noise.reshape(s * b, *noise.shape[2:]) if (noise is not None and self.cfg.stochastic) else None
         tokens, aux = self.integrate(tokens, folded, return_attention, start=shared, need_features=return_features)
-        logits = self.forward_head(tokens).reshape(s, b, -1)  # (S, B, classes)
-        out: tuple[Tensor, ...] = (logits,)
+        out: tuple[Tensor, ...] = (self.forward_head(tokens).reshape(s, b, -1),)  # (S, B, classes)
         if return_attention:
             assert aux.attention is not None
-            attn = aux.attention.reshape(s, b, *aux.attention.shape[1:])  # (S, B, depth - shared, N, N)
-            if prefix_attn is not None:
-                attn = torch.cat((prefix_attn.unsqueeze(0).expand(s, *prefix_attn.shape), attn), dim=2)
-            out += (attn,)
+            out += (_unfold_samples(aux.attention, prefix_attn, s, b),)  # (S, B, depth, N, N)
         if return_features:
             assert aux.features is not None
             prefix_f = torch.cat(shared_feats, dim=1)  # (B, 1 + shared, 4 D)
-            own = aux.features.reshape(s, b, *aux.features.shape[1:])  # (S, B, depth - shared, 4 D)
-            out += (torch.cat((prefix_f.unsqueeze(0).expand(s, *prefix_f.shape), own), dim=2),)  # (S, B, F, 4 D)
+            out += (_unfold_samples(aux.features, prefix_f, s, b),)  # (S, B, F, 4 D)
         return out[0] if len(out) == 1 else out
+
+    def _sample_noise(self, images: Tensor, num_samples: int | None, noise: Tensor | None,
+                      generator: torch.Generator | None) -> tuple[Tensor | None, int]:
+        """The noise of :meth:`sample_logits`, checked when given, drawn otherwise (None for a model without
+        diffusion), and the number of samples S."""
+        b = images.shape[0]
+        if noise is not None:
+            self._check_noise(noise, b, num_samples)
+            return noise, noise.shape[0]
+        if num_samples is None or num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1 when no noise is given, got {num_samples!r}")
+        if self.cfg.stochastic:
+            noise = self.draw_noise(b, num_samples, generator, device=images.device, dtype=images.dtype)
+        return noise, num_samples
+
+
+def _unfold_samples(folded: Tensor, shared: Tensor | None, s: int, b: int) -> Tensor:
+    """Per-block outputs of the folded samples (S*B, blocks, ...) as (S, B, blocks, ...), after those of the
+    shared ODE prefix (B, shared blocks, ...), which every sample has in common."""
+    own = folded.reshape(s, b, *folded.shape[1:])  # (S, B, blocks, ...)
+    if shared is None:
+        return own
+    return torch.cat((shared.unsqueeze(0).expand(s, *shared.shape), own), dim=2)
 
 
 def create_model(name: str = "tiny", **overrides: Any) -> SNodeViT:

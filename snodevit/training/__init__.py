@@ -1,1 +1,2 @@
-"""Training: the loop, its configuration and its checkpoints."""
+"""Training: the loop, its configuration and its checkpoints (``train``), and SDE-Net's perturbed inputs
+(``perturb``)."""

@@ -8,7 +8,7 @@ or the final one (``TrainConfig.keep``) is written atomically as safetensors + J
 With ``TrainConfig.ood_diffusion_weight > 0`` (a model built with ``ood_diffusion_scale > 0``) the loss adds
 SDE-Net's diffusion term: a binary cross-entropy that drives the per-image diffusion magnitude towards 0 on the
 training batch and towards 1 on the same images plus Gaussian noise of std ``ood_noise_std`` at several spatial
-scales (:func:`ood_perturb`).
+scales (:func:`snodevit.training.perturb.ood_perturb`).
 
 References:
     Kong et al. "SDE-Net: Equipping Deep Neural Networks with Uncertainty Estimates." ICML 2020.
@@ -32,14 +32,17 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from snodevit.checkpoint import save_model
-from snodevit.model import SNodeViT
 from snodevit.inference.precision import PRECISIONS, cpu_has_bf16
+from snodevit.model import SNodeViT
+from snodevit.training.perturb import OOD_NOISE_SCALES, ood_perturb, shuffle_cells
+
+# PRECISIONS, cpu_has_bf16, OOD_NOISE_SCALES and shuffle_cells are imported from here by the CLI, tests and benchmarks
+__all__ = ["OOD_NOISE_SCALES", "PRECISIONS", "TrainConfig", "TrainResult", "cpu_has_bf16", "ema_multi_avg_fn",
+           "evaluate_accuracy", "lr_at", "ood_perturb", "shuffle_cells", "train_model", "use_bf16"]
 
 log = logging.getLogger(__name__)
 
 _SYNC_EVERY = 16  # optimiser steps between reads of the running loss (and the divergence check) on the host
-#: Grid sides of the SDE-Net perturbation noise as fractions of the image side (28 px: 1, 2, 4, 7 and 28 cells).
-OOD_NOISE_SCALES: tuple[float, ...] = (0.0, 1 / 14, 1 / 7, 1 / 4, 1.0)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -120,71 +123,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def ood_perturb(images: Tensor, std: float, generator: torch.Generator | None = None,
-                shuffle_grid: int = 0) -> Tensor:
-    """SDE-Net's out-of-distribution inputs: the images plus Gaussian noise, here at several spatial scales.
-
-    The batch is split into ``len(OOD_NOISE_SCALES)`` consecutive chunks; chunk j gets standard normal noise
-    drawn on a g x g grid, g = ``OOD_NOISE_SCALES[j]`` (a fraction of the image side: 1 grid cell is one offset
-    for the whole image, the last scale is one value per pixel, as in SDE-Net), upsampled bilinearly to the
-    image size and multiplied by ``std``. Pixel noise alone taught the magnitude head "high-frequency noise is
-    out of distribution" and left smooth inputs (photographs) looking in-distribution; the coarse scales cover them.
-
-    With ``shuffle_grid`` = g >= 2 the batch gets one more chunk, whose images keep their pixels but have the
-    cells of a g x g grid permuted (:func:`shuffle_cells`): local strokes in places and orientations digits do
-    not have, a near-distribution perturbation that noise does not cover.
-
-    Args:
-        images: (B, C, H, W) normalised images.
-        std: noise standard deviation in normalised units.
-        generator: seeds the noise and the permutations (on the images' device).
-        shuffle_grid: cells per side of the shuffled chunk; 0 = no shuffled chunk.
-
-    Returns:
-        (B, C, H, W) perturbed images.
-    """
-    h, w = images.shape[-2:]
-    chunks = images.chunk(len(OOD_NOISE_SCALES) + (1 if shuffle_grid else 0))
-    parts = []
-    for frac, chunk in zip(OOD_NOISE_SCALES, chunks):
-        g = max(1, round(frac * min(h, w)))
-        z = torch.randn((chunk.shape[0], chunk.shape[1], g, g), generator=generator, device=images.device,
-                        dtype=images.dtype)
-        parts.append(chunk + std * F.interpolate(z, size=(h, w), mode="bilinear", align_corners=False))
-    if shuffle_grid and len(chunks) > len(OOD_NOISE_SCALES):
-        parts.append(shuffle_cells(chunks[-1], shuffle_grid, generator))
-    return torch.cat(parts)
-
-
-def shuffle_cells(images: Tensor, grid: int, generator: torch.Generator | None = None) -> Tensor:
-    """Each image with the cells of a ``grid`` x ``grid`` partition put in a random order of its own.
-
-    Cells are (H // grid) x (W // grid) pixels from the top-left corner; the rows and columns left over when the
-    side is not a multiple of ``grid`` stay in place.
-
-    Args:
-        images: (B, C, H, W) images.
-        grid: cells per side, 2 <= grid <= min(H, W).
-        generator: seeds the permutations (on the images' device).
-
-    Returns:
-        (B, C, H, W) images with their cells permuted.
-    """
-    b, c, h, w = images.shape
-    if not 2 <= grid <= min(h, w):
-        raise ValueError(f"grid must be between 2 and min(H, W) = {min(h, w)}, got {grid}")
-    ch, cw = h // grid, w // grid
-    g2 = grid * grid
-    cells = (images[..., :grid * ch, :grid * cw].reshape(b, c, grid, ch, grid, cw)
-             .permute(0, 2, 4, 1, 3, 5).reshape(b, g2, c, ch, cw))
-    order = torch.rand((b, g2), generator=generator, device=images.device).argsort(dim=1)
-    cells = cells[torch.arange(b, device=images.device)[:, None], order]
-    out = images.clone()
-    out[..., :grid * ch, :grid * cw] = (cells.reshape(b, grid, grid, c, ch, cw).permute(0, 3, 1, 4, 2, 5)
-                                        .reshape(b, c, grid * ch, grid * cw))
-    return out
-
-
 def ema_multi_avg_fn(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
     """Exponential moving average for :class:`torch.optim.swa_utils.AveragedModel`, with timm's warm-up.
 
@@ -221,6 +159,126 @@ def evaluate_accuracy(model: SNodeViT, loader: DataLoader, device: torch.device,
     return correct / max(n, 1), nll / max(n, 1)
 
 
+@dataclass
+class _Loop:
+    """What every epoch of one training run uses."""
+
+    model: SNodeViT
+    tc: TrainConfig
+    device: torch.device
+    bf16: bool  # autocast the forward pass to bf16
+    loader: DataLoader  # the training split, shuffled by a generator seeded from tc.seed
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    noise_gen: torch.Generator  # the Brownian increments of training (and the SDE-Net perturbations)
+    ema: AveragedModel | None  # the averaged copy that is validated and saved, when tc.ema_decay > 0
+    bar: tqdm
+
+
+def _build_loop(model: SNodeViT, train_set: Dataset, tc: TrainConfig, device: torch.device, progress: bool) -> _Loop:
+    """Seed, move the model to ``device`` and build the loader, optimiser, schedule, noise and EMA of a run.
+
+    The order is the run's random stream: the global seed, then the shuffling generator, then the noise's.
+    """
+    torch.manual_seed(tc.seed)
+    cuda = device.type == "cuda"
+    bf16 = use_bf16(tc.precision, device)
+    model.to(device)
+    gen = torch.Generator().manual_seed(tc.seed)
+    loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, generator=gen, drop_last=True,
+                        num_workers=tc.num_workers, pin_memory=cuda, persistent_workers=tc.num_workers > 0)
+    opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.999))
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training split has {len(train_set)} images, fewer than one batch of {tc.batch_size}")
+    total = steps_per_epoch * tc.epochs
+    warmup = int(tc.warmup_epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup, tc.min_lr_ratio))
+    noise_gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
+    # the averaged copy is validated and saved; buffers (batch-norm statistics of the stem) follow the live model
+    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(tc.ema_decay)) if tc.ema_decay > 0 else None
+    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    return _Loop(model, tc, device, bf16, loader, opt, sched, noise_gen, ema, bar)
+
+
+def _batch_loss(loop: _Loop, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The training loss of one batch and its parts.
+
+    Returns:
+        The loss, the cross-entropy, the weighted attention regulariser, the SDE-Net BCE (0 when off), all
+        scalars, and the logits (B, classes).
+    """
+    tc = loop.tc
+    with torch.autocast(device_type=loop.device.type, dtype=torch.bfloat16, enabled=loop.bf16):
+        logits, reg = loop.model.forward_train(images, generator=loop.noise_gen)
+        ce = F.cross_entropy(logits.float(), labels, label_smoothing=tc.label_smoothing)
+        loss = ce + reg
+        bce = torch.zeros((), device=loop.device)
+        if tc.ood_diffusion_weight > 0:  # SDE-Net: small diffusion on these images, large on perturbed ones
+            bce = loop.model.ood_diffusion_loss(images, ood_perturb(images, tc.ood_noise_std, loop.noise_gen,
+                                                                    shuffle_grid=tc.ood_shuffle_grid))
+            loss = loss + tc.ood_diffusion_weight * bce
+    return loss, ce, reg, bce, logits
+
+
+def _optimise(loop: _Loop, loss: Tensor) -> None:
+    """One optimiser step on ``loss``: clipped gradients, the schedule, the weight average."""
+    loop.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(loop.model.parameters(), loop.tc.grad_clip)
+    loop.opt.step()
+    loop.sched.step()
+    if loop.ema is not None:
+        loop.ema.update_parameters(loop.model)
+
+
+def _train_epoch(loop: _Loop, epoch: int) -> dict[str, float]:
+    """One pass over the training split.
+
+    Returns:
+        The epoch's mean ``train_loss`` (cross-entropy), ``train_reg``, ``train_ood_bce`` (with SDE-Net training)
+        and ``train_accuracy``.
+
+    Raises:
+        FloatingPointError: the loss stopped being finite.
+    """
+    loop.model.train()
+    device, cuda = loop.device, loop.device.type == "cuda"
+    # running sums stay on the device: reading them every step would wait for the GPU four times a step,
+    # which costs most when several training processes share one GPU
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, regulariser, correct, SDE-Net BCE
+    finite = torch.ones((), device=device, dtype=torch.bool)
+    seen = 0
+    for step, (images, labels) in enumerate(loop.loader, start=1):
+        images = images.to(device, non_blocking=cuda)
+        labels = labels.to(device, non_blocking=cuda)
+        loss, ce, reg, bce, logits = _batch_loss(loop, images, labels)
+        finite &= torch.isfinite(loss.detach())
+        _optimise(loop, loss)
+        n = labels.numel()
+        sums += torch.stack((ce.detach().double() * n, reg.detach().double() * n,
+                             (logits.detach().argmax(-1) == labels).sum().double(), bce.detach().double() * n))
+        seen += n
+        loop.bar.update(1)
+        if step % _SYNC_EVERY == 0 or step == len(loop.loader):
+            loss_sum, reg_sum, correct, bce_sum = sums.tolist()
+            if not bool(finite):
+                raise FloatingPointError(f"training diverged at epoch {epoch} (loss={loss.item()}); lower --lr")
+            loop.bar.set_postfix(epoch=epoch, loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return {"train_loss": loss_sum / seen, "train_reg": reg_sum / seen,
+            **({"train_ood_bce": bce_sum / seen} if loop.tc.ood_diffusion_weight > 0 else {}),
+            "train_accuracy": correct / seen}
+
+
+def _log_epoch(row: dict[str, float], bar: tqdm, progress: bool) -> None:
+    """The epoch's figures to the log, and a line above the progress bar when there is one."""
+    log.info("epoch %d: %s", row["epoch"], row)
+    if progress:
+        bar.write(f"epoch {row['epoch']:3d}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}  "
+                  f"val acc {row['val_accuracy']:.4f}  val nll {row['val_nll']:.4f}  ({row['seconds']:.0f}s)",
+                  file=sys.stderr)
+
+
 def train_model(model: SNodeViT, train_set: Dataset, val_set: Dataset, tc: TrainConfig, *,
                 out_dir: str | Path | None = None, meta: dict[str, Any] | None = None,
                 device: str | torch.device = "cpu", progress: bool = True,
@@ -244,86 +302,29 @@ def train_model(model: SNodeViT, train_set: Dataset, val_set: Dataset, tc: Train
         raise ValueError(f"ood_diffusion_weight={tc.ood_diffusion_weight} trains the diffusion magnitude head, which "
                          "this model lacks; build it with ood_diffusion_scale > 0")
     device = torch.device(device)
-    torch.manual_seed(tc.seed)
-    cuda = device.type == "cuda"
-    bf16 = use_bf16(tc.precision, device)
-    model.to(device)
-    gen = torch.Generator().manual_seed(tc.seed)
-    train_loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, generator=gen, drop_last=True,
-                              num_workers=tc.num_workers, pin_memory=cuda, persistent_workers=tc.num_workers > 0)
-    val_loader = DataLoader(val_set, batch_size=256, shuffle=False, num_workers=0, pin_memory=cuda)
-    opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.999))
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"the training split has {len(train_set)} images, fewer than one batch of {tc.batch_size}")
-    total = steps_per_epoch * tc.epochs
-    warmup = int(tc.warmup_epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup, tc.min_lr_ratio))
-    noise_gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
-    # the averaged copy is validated and saved; buffers (batch-norm statistics of the stem) follow the live model
-    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(tc.ema_decay)) if tc.ema_decay > 0 else None
-    kept = ema.module if ema is not None else model
+    loop = _build_loop(model, train_set, tc, device, progress)
+    val_loader = DataLoader(val_set, batch_size=256, shuffle=False, num_workers=0, pin_memory=device.type == "cuda")
+    kept = loop.ema.module if loop.ema is not None else model
     result = TrainResult(best_val_accuracy=-1.0, best_epoch=-1, seconds=0.0)
     start = time.perf_counter()
-    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     for epoch in range(1, tc.epochs + 1):
-        model.train()
-        # running sums stay on the device: reading them every step would wait for the GPU four times a step,
-        # which costs most when several training processes share one GPU
-        sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, regulariser, correct, SDE-Net BCE
-        finite = torch.ones((), device=device, dtype=torch.bool)
-        seen = 0
-        for step, (images, labels) in enumerate(train_loader, start=1):
-            images = images.to(device, non_blocking=cuda)
-            labels = labels.to(device, non_blocking=cuda)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits, reg = model.forward_train(images, generator=noise_gen)
-                ce = F.cross_entropy(logits.float(), labels, label_smoothing=tc.label_smoothing)
-                loss = ce + reg
-                bce = torch.zeros((), device=device)
-                if tc.ood_diffusion_weight > 0:  # SDE-Net: small diffusion on these images, large on perturbed ones
-                    bce = model.ood_diffusion_loss(images, ood_perturb(images, tc.ood_noise_std, noise_gen,
-                                                                       shuffle_grid=tc.ood_shuffle_grid))
-                    loss = loss + tc.ood_diffusion_weight * bce
-            finite &= torch.isfinite(loss.detach())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            n = labels.numel()
-            sums += torch.stack((ce.detach().double() * n, reg.detach().double() * n,
-                                 (logits.detach().argmax(-1) == labels).sum().double(), bce.detach().double() * n))
-            seen += n
-            bar.update(1)
-            if step % _SYNC_EVERY == 0 or step == steps_per_epoch:
-                loss_sum, reg_sum, correct, bce_sum = sums.tolist()
-                if not bool(finite):
-                    raise FloatingPointError(f"training diverged at epoch {epoch} (loss={loss.item()}); lower --lr")
-                bar.set_postfix(epoch=epoch, loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        stats = _train_epoch(loop, epoch)
         val_acc, val_nll = evaluate_accuracy(kept, val_loader, device, seed=tc.seed)
-        row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_reg": reg_sum / seen,
-               **({"train_ood_bce": bce_sum / seen} if tc.ood_diffusion_weight > 0 else {}),
-               "train_accuracy": correct / seen, "val_accuracy": val_acc, "val_nll": val_nll,
-               "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+        row = {"epoch": epoch, **stats, "val_accuracy": val_acc, "val_nll": val_nll,
+               "lr": loop.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
         result.history.append(row)
-        log.info("epoch %d: %s", epoch, row)
-        if progress:
-            bar.write(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}  "
-                      f"val acc {val_acc:.4f}  val nll {val_nll:.4f}  ({row['seconds']:.0f}s)", file=sys.stderr)
+        _log_epoch(row, loop.bar, progress)
         if on_epoch is not None:
             on_epoch(row)
         improved = val_acc > result.best_val_accuracy
         if improved:
             result.best_val_accuracy, result.best_epoch = val_acc, epoch
         if out_dir is not None and (improved if tc.keep == "best" else epoch == tc.epochs):
-                save_model(kept, out_dir, {**(meta or {}), "training": {"config": asdict(tc), "saved_epoch": epoch, "keep": tc.keep,
-                                                                        "val_accuracy": val_acc, "val_nll": val_nll,
-                                                                        "history": result.history}})
-    bar.close()
-    if ema is not None:  # the model trained in place ends with the averaged weights
+            training = {"config": asdict(tc), "saved_epoch": epoch, "keep": tc.keep, "val_accuracy": val_acc,
+                        "val_nll": val_nll, "history": result.history}
+            save_model(kept, out_dir, {**(meta or {}), "training": training})
+    loop.bar.close()
+    if loop.ema is not None:  # the model trained in place ends with the averaged weights
         model.load_state_dict(kept.state_dict())
     result.seconds = time.perf_counter() - start
     return result
