@@ -33,6 +33,8 @@ from .metadata import ATTENTION, FEATURES, IMAGES, LOGITS, NOISE, OnnxModelError
 
 logger = logging.getLogger(__name__)
 
+ONNX = "onnx"  # the backend name: ``open_model(path, backend=ONNX)``, ``SNODEVIT_BACKEND=onnx``
+
 
 def physical_cores() -> int:
     """Physical cores this process may run on (hyper-threads share a core's FMA units, so they do not help)."""
@@ -59,6 +61,59 @@ def cuda_available() -> bool:
 def _resolve_device(device: str) -> torch.device:
     return resolve_device(device, cuda_ok=cuda_available(),
                           cuda_needs="ONNX Runtime's CUDAExecutionProvider with a CUDA device for torch")
+
+
+def _session_options(intra_op_threads: int | None, graph_optimization: str) -> Any:
+    """ONNX Runtime's session options: the optimisation level, the threads, no spinning.
+
+    Raises:
+        ValueError: fewer than one thread, or an unknown optimisation level.
+    """
+    import onnxruntime as ort
+
+    if intra_op_threads is not None and intra_op_threads < 1:
+        raise ValueError(f"intra_op_threads must be >= 1, got {intra_op_threads}")
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if graph_optimization not in levels:
+        raise ValueError(f"graph_optimization must be one of {list(levels)}, got {graph_optimization!r}")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = levels[graph_optimization]
+    opts.intra_op_num_threads = intra_op_threads or physical_cores()
+    opts.inter_op_num_threads = 1  # the graph is a chain of blocks: nothing to run in parallel
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle intra-op threads spin by default; on a CPU shared with other workers that burns the cycles they
+    # need (2 threads on a busy 2-core box: 46 ms spinning vs 39 ms not, B=1 S=8) for ~nothing when idle.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+def _providers(device: torch.device) -> list[Any]:
+    """The execution providers for ``device``: CUDA (CPU as fallback) on a GPU, else only the CPU's."""
+    if device.type == "cuda":
+        return [("CUDAExecutionProvider", {"device_id": device.index}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _open_session(path: Path, opts: Any, providers: list[Any]) -> Any:
+    """An ONNX Runtime session of the graph at ``path``.
+
+    Raises:
+        OnnxModelError: a file ONNX Runtime cannot read or load, naming it and the problem.
+    """
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+    errors = (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.NoModel,
+              ort_errors.NotImplemented, ort_errors.RuntimeException)
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except ort_errors.InvalidProtobuf as e:
+        raise OnnxModelError(f"{path} is not a readable ONNX model (truncated or corrupt?): {e}") from e
+    except errors as e:
+        raise OnnxModelError(f"{path}: ONNX Runtime cannot load this model: {e}") from e
 
 
 class OnnxPredictor:
@@ -88,40 +143,11 @@ class OnnxPredictor:
             OnnxModelError: an empty, truncated, corrupt or foreign file (the message names it and the problem).
             ValueError: an unknown device or optimisation level, or CUDA asked for where it is not available.
         """
-        import onnxruntime as ort
-        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
-
         self.path = Path(path)
         check_file(self.path)
         self.device = _resolve_device(device)
-        if intra_op_threads is not None and intra_op_threads < 1:
-            raise ValueError(f"intra_op_threads must be >= 1, got {intra_op_threads}")
-        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-        if graph_optimization not in levels:
-            raise ValueError(f"graph_optimization must be one of {list(levels)}, got {graph_optimization!r}")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = levels[graph_optimization]
-        opts.intra_op_num_threads = intra_op_threads or physical_cores()
-        opts.inter_op_num_threads = 1  # the graph is a chain of blocks: nothing to run in parallel
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Idle intra-op threads spin by default; on a CPU shared with other workers that burns the cycles they
-        # need (2 threads on a busy 2-core box: 46 ms spinning vs 39 ms not, B=1 S=8) for ~nothing when idle.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if self.device.type == "cuda":
-            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": self.device.index}), "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
-        errors = (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.NoModel,
-                  ort_errors.NotImplemented, ort_errors.RuntimeException)
-        try:
-            self._session = ort.InferenceSession(str(self.path), opts, providers=providers)
-        except ort_errors.InvalidProtobuf as e:
-            raise OnnxModelError(f"{self.path} is not a readable ONNX model (truncated or corrupt?): {e}") from e
-        except errors as e:
-            raise OnnxModelError(f"{self.path}: ONNX Runtime cannot load this model: {e}") from e
+        self._session = _open_session(self.path, _session_options(intra_op_threads, graph_optimization),
+                                      _providers(self.device))
         meta = decode_metadata(self._session.get_modelmeta().custom_metadata_map, self.path)
         self.metadata: dict[str, Any] = meta
         self.cfg: SNodeViTConfig = meta["config"]
@@ -263,9 +289,9 @@ def open_onnx(path: Path, device: str, precision: Precision) -> LoadedModel:
     if not onnx_path.is_file():
         raise CheckpointError(f"no ONNX graph at {onnx_path}; create one with `snodevit export`")
     pred = OnnxPredictor(onnx_path, device=device)  # its "auto" also checks ORT's CUDA provider
-    return LoadedModel(pred, "onnx", str(pred.device), pred.cfg, list(pred.class_names), pred.preprocessing,
+    return LoadedModel(pred, ONNX, str(pred.device), pred.cfg, list(pred.class_names), pred.preprocessing,
                        pred.calibration, pred.weights_sha256, str(onnx_path),
                        meta_beside(onnx_path, pred.weights_sha256, pred.calibration), precision)
 
 
-register_backend("onnx", open_onnx)
+register_backend(ONNX, open_onnx)

@@ -2,8 +2,8 @@
 
 The BentoML service (``service.service``) is a thin shell around :class:`Engine`; the engine can be built from
 any ``LoadedModel``, which keeps it testable without a server. Every number in an answer comes from
-``LoadedModel.predict`` (``snodevit.inference.predict``) and ``snodevit.records.prediction_records``, the same
-functions the batch-scoring CLI uses.
+``LoadedModel.predict`` (``snodevit.inference.predict``) and ``snodevit.inference.records.prediction_records``,
+the same functions the batch-scoring CLI uses; the parameters follow ``snodevit.inference.params``.
 """
 
 from __future__ import annotations
@@ -16,34 +16,29 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from pydantic import ValidationError
 
-from snodevit.data import (DEFAULT_ALLOWED_FORMATS, ImageError, decode_image, normalize, to_uint8_tensor,
-                                  undecodable)
+# The "onnx" backend of open_model registers itself when export.runtime is imported. An installed snodevit finds it
+# through pyproject's "snodevit.backends" entry point, but a Bento runs from the sources bentofile.yaml includes,
+# not from an installed package, so it has no entry points: this import is what makes SNODEVIT_BACKEND=onnx work
+# in a Bento.
+from export.runtime import ONNX
+from snodevit.data import ImageError, decode_image, normalize, to_uint8_tensor, undecodable
 from snodevit.inference.adaptive import AdaptiveSampling
-from snodevit.inference.params import AUTO, MAX_SEED, NumSamples, resolve_seeds
-from snodevit.inference.predictor import Prediction
 from snodevit.inference.backends import LoadedModel, open_model
+from snodevit.inference.params import (AUTO, MAX_SEED, NumSamples, check_num_samples, check_seed, default_alpha,
+                                       resolve_seeds)
+from snodevit.inference.predictor import Prediction
 from snodevit.inference.records import prediction_records
 
 from .batching import MicroBatcher
+from .describe import calibration_figures, fitted_alphas, metadata_response, model_info
 from .errors import ServiceError, invalid_parameter
 from .heatmap import overlay_png
 from .metrics import ServiceMetrics
-from .schemas import (
-    CalibrationFigures,
-    CalibrationInfo,
-    Classification,
-    ExplainResponse,
-    Limits,
-    MetadataResponse,
-    ModelInfo,
-    OodGateInfo,
-    Timing,
-)
+from .schemas import Classification, ExplainResponse, MetadataResponse, Timing
 from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -89,16 +84,18 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
-def _calibration_figures(loaded: LoadedModel) -> CalibrationFigures | None:
-    """The test figures of the model's `snodevit calibrate` run (meta.json); None when uncalibrated or absent."""
-    raw = loaded.meta.get("calibration_figures")
-    if not loaded.calibration.is_fitted or not isinstance(raw, dict):
-        return None
+def _passes(check: Callable[[Any], object], value: Any) -> bool:
+    """Whether ``check`` (a rule of ``snodevit.inference.params``) accepts ``value``."""
     try:
-        return CalibrationFigures.model_validate(raw)
-    except ValidationError as err:  # a figure for people to read: never a reason not to serve
-        logger.warning("calibration_figures in %s do not read, /metadata leaves them out: %s", loaded.source, err)
-        return None
+        check(value)
+    except ValueError:
+        return False
+    return True
+
+
+def has_attention(loaded: LoadedModel) -> bool:
+    """Whether the model gives attention maps: a torch model always does, an ONNX graph when exported with them."""
+    return loaded.backend_name != ONNX or bool(getattr(loaded.backend, "has_attention", True))
 
 
 def inference_executor() -> ThreadPoolExecutor:
@@ -110,7 +107,7 @@ class Engine:
     """Serve one loaded model: parameter checks, safe decoding, batched Monte Carlo inference, answers.
 
     Args:
-        loaded: the model (``snodevit.loading.open_model``).
+        loaded: the model (``snodevit.inference.backends.open_model``).
         settings: limits and defaults.
         name: the model's store name, reported in answers.
         tag: the model's store tag, reported in answers.
@@ -123,17 +120,14 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         cal = loaded.calibration
-        self.info = ModelInfo(name=name, tag=tag, version=loaded.version,
-                              backend=loaded.backend_name,  # type: ignore[arg-type]
-                              device=str(loaded.device), precision=loaded.precision,
-                              calibration_precision=cal.precision if cal.is_fitted else None)
+        self.info = model_info(loaded, name=name, tag=tag)
         if cal.is_fitted and cal.precision != loaded.precision:
             logger.warning("serving in %s a model calibrated in %s: its thresholds were fitted on %s passes, so "
                            "answers may differ slightly from the calibration report's (SNODEVIT_PRECISION=%s "
                            "matches them)", loaded.precision, cal.precision, cal.precision, cal.precision)
         self.num_classes = len(loaded.class_names)
-        self.alphas = sorted(float(a) for a in loaded.calibration.conformal_thresholds)
-        self.calibration_figures = _calibration_figures(loaded)
+        self.alphas = fitted_alphas(loaded)
+        self.calibration_figures = calibration_figures(loaded)
         self.adaptive = AdaptiveSampling(max_samples=settings.auto_max_samples,
                                          first_round=min(AdaptiveSampling.first_round, settings.auto_max_samples))
         self._executor = executor or inference_executor()
@@ -172,16 +166,15 @@ class Engine:
         Raises:
             ServiceError: 400 ``invalid_parameter`` naming the parameter.
         """
-        if num_samples != AUTO and not (isinstance(num_samples, int) and
-                                        1 <= num_samples <= self.settings.max_num_samples):
-            raise invalid_parameter("num_samples", f"must be in [1, {self.settings.max_num_samples}] or 'auto', "
-                                    f"got {num_samples!r}")
+        most = self.settings.max_num_samples
+        if not _passes(check_num_samples, num_samples) or (isinstance(num_samples, int) and num_samples > most):
+            raise invalid_parameter("num_samples", f"must be in [1, {most}] or 'auto', got {num_samples!r}")
         if not 1 <= top_k <= self.num_classes:
             raise invalid_parameter("top_k", f"must be in [1, {self.num_classes}] (the number of classes), got {top_k}")
         if layer is not None and not 0 <= layer < self.loaded.cfg.depth:
             raise invalid_parameter("layer", f"must be in [0, {self.loaded.cfg.depth - 1}] (the model has "
                                     f"{self.loaded.cfg.depth} blocks) or absent for the rollout, got {layer}")
-        if seed is not None and not 0 <= seed <= MAX_SEED:
+        if seed is not None and not _passes(check_seed, seed):
             raise invalid_parameter("seed", f"must be in [0, {MAX_SEED}], got {seed}")
         return Params(num_samples, seed, top_k, self._resolve_alpha(alpha), layer)
 
@@ -192,7 +185,7 @@ class Engine:
                                         "set to choose; omit alpha (run `snodevit calibrate` to fit one)")
             return None
         if alpha is None:
-            return self.alphas[0]
+            return default_alpha(self.loaded.calibration)
         for fitted in self.alphas:
             if abs(fitted - alpha) < 1e-9:
                 return fitted
@@ -335,7 +328,7 @@ class Engine:
             ServiceError: a refused image; 501 ``not_available`` for an ONNX graph exported without attention
                 maps; 504 on timeout.
         """
-        if not getattr(self.loaded.backend, "has_attention", True):
+        if not has_attention(self.loaded):
             raise ServiceError(501, "not_available", "this ONNX graph was exported without attention maps; "
                                "re-export with `snodevit export --attention-maps` or serve the torch backend")
         t0 = time.perf_counter()
@@ -366,26 +359,9 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- the rest
     def metadata(self, uploads: dict[str, str]) -> MetadataResponse:
-        cal = self.loaded.calibration
-        written = cal.to_dict()  # strict JSON: an infinite threshold is the string "Infinity" / "-Infinity"
-        s = self.settings
-        return MetadataResponse(
-            model=self.info, classes=list(self.loaded.class_names), preprocessing=self.loaded.preprocessing.to_dict(),
-            config=self.loaded.cfg.to_dict(),
-            calibration=CalibrationInfo(
-                fitted=cal.is_fitted, temperature=cal.temperature, conformal_score=cal.conformal_score,
-                alphas=self.alphas, conformal_thresholds=written["conformal_thresholds"],
-                decision_score=cal.decision_score, decision_threshold=written["decision_threshold"],
-                target_risk=cal.target_risk, figures=self.calibration_figures,
-                ood_gate=None if cal.ood_gate is None else OodGateInfo.model_validate(cal.ood_gate.summary())),
-            limits=Limits(max_bytes=s.max_bytes, max_pixels=s.max_pixels, max_request_bytes=s.max_request_bytes,
-                          max_single_request_bytes=s.max_single_request_bytes, max_images=s.max_images,
-                          num_samples_min=1, num_samples_max=s.max_num_samples, num_samples_default=s.num_samples,
-                          num_samples_auto_max=self.adaptive.max_samples,
-                          top_k_default=min(s.top_k, self.num_classes), top_k_max=self.num_classes,
-                          allowed_formats=list(DEFAULT_ALLOWED_FORMATS), max_concurrency=s.max_concurrency,
-                          max_buffered_bytes=s.max_buffered_bytes, timeout_s=s.timeout_s),
-            uploads=uploads)
+        """The ``/metadata`` answer (``service.describe``)."""
+        return metadata_response(self.loaded, self.settings, info=self.info, figures=self.calibration_figures,
+                                 auto_max_samples=self.adaptive.max_samples, uploads=uploads)
 
     def warm_up(self) -> float:
         """One forward pass of each kind on a blank image, so the first request does not pay for lazy setup.
@@ -396,9 +372,9 @@ class Engine:
         t0 = time.perf_counter()
         prep = self.loaded.preprocessing
         blank = torch.zeros(prep.channels, prep.image_size, prep.image_size)
-        item = _Item(blank, 0, self.settings.num_samples, self.alphas[0] if self.alphas else None, 1, t0)
+        item = _Item(blank, 0, self.settings.num_samples, default_alpha(self.loaded.calibration), 1, t0)
         self.on_inference_thread(self._run_batch, [item], False)
-        if getattr(self.loaded.backend, "has_attention", True):
+        if has_attention(self.loaded):
             self.on_inference_thread(self.loaded.predict, blank[None], num_samples=1, seed=[0], attention=True)
         return time.perf_counter() - t0
 

@@ -6,6 +6,7 @@ batch-scoring CLI report the same numbers; the service adds ``model`` and ``timi
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Annotated, Any, Literal
 
@@ -17,19 +18,23 @@ from pydantic import (
     ValidatorFunctionWrapHandler,
     WithJsonSchema,
     WrapValidator,
+    create_model,
 )
 
 from snodevit.inference.decide import ReasonCode
 from snodevit.inference.fitted import GateScore
-from snodevit.inference.params import AUTO, MAX_SEED
+from snodevit.inference.params import AUTO, MAX_SEED, parse_num_samples
 
 from .settings import ServiceSettings
 
 
 def _auto_or_int(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-    """``num_samples``: the text "auto" (any case, surrounding blanks) as ``AUTO``, anything else as the integer."""
-    if isinstance(value, str) and value.strip().lower() == AUTO:
-        return AUTO
+    """``num_samples``: what ``parse_num_samples`` reads as ``AUTO`` ("auto" in any case, blanks around it) as
+    ``AUTO``; anything else goes to the integer validator, whose errors (and bounds) the answer then names."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            if parse_num_samples(value) == AUTO:
+                return AUTO
     return handler(value)
 
 
@@ -62,8 +67,6 @@ def parameter_types(settings: ServiceSettings) -> dict[str, Any]:
 
 def params_model(settings: ServiceSettings, names: tuple[str, ...]) -> type[BaseModel]:
     """A model of the named parameters with the service defaults, used to validate raw-upload query strings."""
-    from pydantic import create_model
-
     types = parameter_types(settings)
     defaults: dict[str, Any] = {"num_samples": settings.num_samples, "seed": None, "top_k": settings.top_k,
                                 "alpha": None, "layer": None}
