@@ -15,9 +15,10 @@ Endpoints (all answers JSON unless noted; every error is ``{"error": <code>, "de
 ==========================  =============================================================================
 
 Images from concurrent requests share forward passes (``service.batching``); ``timing.batch_size`` of an
-answer says how many images its pass held. Settings come from ``SNODEVIT_*`` variables
-(``service.settings``), the model from the BentoML model store (``SNODEVIT_MODEL``, default
-``snodevit-mnist:latest``; ``python -m service.demo`` puts one there).
+answer says how many images its pass held. Settings come from ``SNODEVIT_*`` variables (``service.settings``),
+read when the service starts; the few its declaration needs (``DECLARED_FIELDS``: model tag, timeout, parameter
+bounds and defaults) are read when this module is imported. The model comes from the BentoML model store
+(``SNODEVIT_MODEL``, default ``snodevit-mnist:latest``; ``python -m service.demo`` puts one there).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from .engine import Engine
 from .errors import ErrorShapeMiddleware, ServiceError, describe_validation_errors
@@ -50,12 +52,15 @@ from .schemas import (
     parameter_types,
     params_model,
 )
-from .settings import ServiceSettings
+from .settings import DECLARED_FIELDS, ENV_PREFIX, ServiceSettings
 
 logger = logging.getLogger(__name__)
 
-SETTINGS = ServiceSettings.from_env()
-_TYPES = parameter_types(SETTINGS)
+#: The settings the class declaration below needs, read at import (``DECLARED_FIELDS``); the other fields hold
+#: their defaults here, so nothing else reads this: the service reads its settings when it starts
+#: (:func:`started_settings`).
+DECLARED = ServiceSettings.from_env(only=DECLARED_FIELDS)
+_TYPES = parameter_types(DECLARED)
 NumSamples = _TYPES["num_samples"]
 Seed = _TYPES["seed"]
 TopK = _TYPES["top_k"]
@@ -66,8 +71,27 @@ PngImage = t.Annotated[Path, bentoml.validators.ContentType("image/png")]
 # BentoML's own traffic timeout answers outside our middleware, in another body shape: it is only a backstop
 # behind the engine's timeout. The concurrency limit lives in RequestGuard (429 in the common error shape) for
 # the same reason, instead of traffic["max_concurrency"].
-_TRAFFIC = {"timeout": SETTINGS.timeout_s + 30}
+_TRAFFIC = {"timeout": DECLARED.timeout_s + 30}
 _RESOURCES = {"gpu": 1} if torch.cuda.is_available() else {}
+#: The APIs that also take a raw image body (``Content-Type: image/*``): the guard routes it to ``/raw/<api>``.
+RAW_APIS = ("classify", "explain", "explain_image")
+
+
+def started_settings() -> ServiceSettings:
+    """Every setting, read from ``SNODEVIT_*`` now that the service starts.
+
+    Raises:
+        ValueError: a bad value, or a declared setting (``DECLARED_FIELDS``) that changed since this module was
+            imported: the API signatures and the decorator already hold the old value, and a service half on one
+            value and half on another would answer inconsistently.
+    """
+    settings = ServiceSettings.from_env()
+    changed = [f"{ENV_PREFIX}{name.upper()}" for name in DECLARED_FIELDS
+               if getattr(settings, name) != getattr(DECLARED, name)]
+    if changed:
+        raise ValueError(f"{', '.join(changed)} changed after service.service was imported; set them before "
+                         "importing it (they shape the API signatures and the service declaration)")
+    return settings
 
 UPLOADS = {
     "/classify": "multipart/form-data with file field 'image' and form fields num_samples, seed, top_k, alpha; or "
@@ -117,18 +141,20 @@ def _png_response(png: bytes, answer: ExplainResponse) -> Response:
 class SNodeViTService:
     """Stochastic SDE Vision Transformer with calibrated, decomposed uncertainty."""
 
-    model_ref = bentoml.models.BentoModel(SETTINGS.model)
+    # at class scope: `bentoml build` packs the model it names into the Bento
+    model_ref = bentoml.models.BentoModel(DECLARED.model)
 
     def __init__(self) -> None:
         self._ready = False
         t0 = time.perf_counter()
+        self.settings = started_settings()
         # One process, one model: its intra-op threads are set here. On a CPU shared with other work, fewer
         # threads than cores can be faster (a parallel region waits for every thread to be scheduled).
-        torch.set_num_threads(SETTINGS.threads)
+        torch.set_num_threads(self.settings.threads)
         pinned = _bento_model_tag()
         stored = bentoml.models.get(pinned) if pinned else self.model_ref
         # loaded on the inference thread, so that no other thread ever runs the model's torch operators
-        self.engine = Engine.open(stored.path, SETTINGS, name=stored.tag.name, tag=str(stored.tag),
+        self.engine = Engine.open(stored.path, self.settings, name=stored.tag.name, tag=str(stored.tag),
                                   metrics=service_metrics())
         loaded = self.engine.loaded
         warm = self.engine.warm_up()
@@ -145,30 +171,30 @@ class SNodeViTService:
 
     # ------------------------------------------------------------------------------------------ APIs
     @bentoml.api
-    async def classify(self, image: Path, num_samples: NumSamples = SETTINGS.num_samples, seed: Seed = None,
-                       top_k: TopK = SETTINGS.top_k, alpha: Alpha = None) -> ClassifyResponse:
+    async def classify(self, image: Path, num_samples: NumSamples = DECLARED.num_samples, seed: Seed = None,
+                       top_k: TopK = DECLARED.top_k, alpha: Alpha = None) -> ClassifyResponse:
         """Classify one image: label, calibrated confidence, uncertainty, prediction set and accept/review."""
         return await _answered(self._classify(lambda: self.engine.read_upload(image, "image"),
                                               num_samples=num_samples, seed=seed, top_k=top_k, alpha=alpha))
 
     @bentoml.api
-    async def classify_batch(self, images: list[Path], num_samples: NumSamples = SETTINGS.num_samples,
-                             seed: Seed = None, top_k: TopK = SETTINGS.top_k,
+    async def classify_batch(self, images: list[Path], num_samples: NumSamples = DECLARED.num_samples,
+                             seed: Seed = None, top_k: TopK = DECLARED.top_k,
                              alpha: Alpha = None) -> ClassifyBatchResponse:
         """Classify several images (multipart field ``images`` repeated); answers in upload order."""
         return await _answered(self._classify_batch(images, num_samples=num_samples, seed=seed, top_k=top_k,
                                                     alpha=alpha))
 
     @bentoml.api
-    async def explain(self, image: Path, num_samples: NumSamples = SETTINGS.num_samples, seed: Seed = None,
-                      top_k: TopK = SETTINGS.top_k, alpha: Alpha = None) -> ExplainResponse:
+    async def explain(self, image: Path, num_samples: NumSamples = DECLARED.num_samples, seed: Seed = None,
+                      top_k: TopK = DECLARED.top_k, alpha: Alpha = None) -> ExplainResponse:
         """The prediction plus attention maps of every block and the attention rollout, as (g, g) grids."""
         return await _answered(self._explain(lambda: self.engine.read_upload(image, "image"), num_samples=num_samples,
                                              seed=seed, top_k=top_k, alpha=alpha))
 
     @bentoml.api
-    async def explain_image(self, image: Path, num_samples: NumSamples = SETTINGS.num_samples, seed: Seed = None,
-                            top_k: TopK = SETTINGS.top_k, alpha: Alpha = None, layer: Layer = None) -> PngImage:
+    async def explain_image(self, image: Path, num_samples: NumSamples = DECLARED.num_samples, seed: Seed = None,
+                            top_k: TopK = DECLARED.top_k, alpha: Alpha = None, layer: Layer = None) -> PngImage:
         """PNG: the attention rollout (or block ``layer``) as a heatmap over the image the model saw.
 
         The prediction travels in the ``X-SNodeViT-Label``, ``-Confidence``, ``-Decision``, ``-Reason-Code`` and
@@ -192,9 +218,9 @@ class SNodeViTService:
         checked = self.engine.check(**params)
         if not images:
             raise ServiceError(400, "invalid_parameter", "images: no file given")
-        if len(images) > SETTINGS.max_images:
+        if len(images) > self.settings.max_images:
             raise ServiceError(413, "too_many_images", f"images: {len(images)} files given, the most one request may "
-                               f"carry is {SETTINGS.max_images}")
+                               f"carry is {self.settings.max_images}")
         where = [f"images[{i}]" for i in range(len(images))]
         data = await asyncio.gather(*(asyncio.to_thread(self.engine.read_upload, p, w) for p, w in zip(images, where)))
         answers, total_ms = await self.engine.classify(list(data), checked, endpoint="classify_batch", where=where)
@@ -238,7 +264,7 @@ def _input_fields(api: str) -> frozenset[str]:
 
 # The parameters of each API as one pydantic model: validates raw-upload query strings and, in the guard, form fields.
 _PARAMS: dict[str, type[BaseModel]] = {
-    name: params_model(SETTINGS, tuple(sorted(_input_fields(name))))
+    name: params_model(DECLARED, tuple(sorted(_input_fields(name))))
     for name in ("classify", "classify_batch", "explain", "explain_image")
 }
 
@@ -263,24 +289,39 @@ async def _metadata_endpoint(request: Request) -> Response:
     return bentoml.get_current_service().metadata()
 
 
-ROUTE_RULES = {
-    "/classify": RouteRule(SETTINGS.max_single_request_bytes, "image", 1, _input_fields("classify"),
-                           f"{RAW_PREFIX}/classify", _PARAMS["classify"]),
-    "/classify_batch": RouteRule(SETTINGS.max_request_bytes, "images", SETTINGS.max_images,
-                                 _input_fields("classify_batch"), None, _PARAMS["classify_batch"]),
-    "/explain": RouteRule(SETTINGS.max_single_request_bytes, "image", 1, _input_fields("explain"),
-                          f"{RAW_PREFIX}/explain", _PARAMS["explain"]),
-    "/explain_image": RouteRule(SETTINGS.max_single_request_bytes, "image", 1, _input_fields("explain_image"),
-                                f"{RAW_PREFIX}/explain_image", _PARAMS["explain_image"]),
-}
+def _raw_path(api: str) -> str:
+    return f"{RAW_PREFIX}/{api}"
+
+
+def route_rules(settings: ServiceSettings) -> dict[str, RouteRule]:
+    """What each API route accepts under ``settings`` (body caps, image counts), its parameters as declared."""
+    return {
+        "/classify": RouteRule(settings.max_single_request_bytes, "image", 1, _input_fields("classify"),
+                               _raw_path("classify"), _PARAMS["classify"]),
+        "/classify_batch": RouteRule(settings.max_request_bytes, "images", settings.max_images,
+                                     _input_fields("classify_batch"), None, _PARAMS["classify_batch"]),
+        "/explain": RouteRule(settings.max_single_request_bytes, "image", 1, _input_fields("explain"),
+                              _raw_path("explain"), _PARAMS["explain"]),
+        "/explain_image": RouteRule(settings.max_single_request_bytes, "image", 1, _input_fields("explain_image"),
+                                    _raw_path("explain_image"), _PARAMS["explain_image"]),
+    }
+
+
+class StartedGuard(RequestGuard):
+    """The request guard with the limits of the settings read when BentoML builds the app (the service starts)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        settings = started_settings()
+        super().__init__(app, rules=route_rules(settings), max_concurrency=settings.max_concurrency,
+                         max_buffered_bytes=settings.max_buffered_bytes, guarded_paths=("/metadata",))
+
 
 _extra_routes = Starlette(routes=[
     Route("/metadata", _metadata_endpoint, methods=["GET"]),
-    *(Route(rule.raw_path, _raw_endpoint, methods=["POST"]) for rule in ROUTE_RULES.values() if rule.raw_path),
+    *(Route(_raw_path(api), _raw_endpoint, methods=["POST"]) for api in RAW_APIS),
 ])
 SNodeViTService.mount_asgi_app(_extra_routes, path="/", name="snodevit-extra")
 # Added first = outermost: the error shaping sees the guard's refusals and everything behind it.
 SNodeViTService.add_asgi_middleware(ErrorShapeMiddleware,
                                     on_error=lambda code, status: service_metrics().record_error(code, status))
-SNodeViTService.add_asgi_middleware(RequestGuard, rules=ROUTE_RULES, max_concurrency=SETTINGS.max_concurrency,
-                                    max_buffered_bytes=SETTINGS.max_buffered_bytes, guarded_paths=("/metadata",))
+SNodeViTService.add_asgi_middleware(StartedGuard)

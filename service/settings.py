@@ -1,12 +1,20 @@
-"""Service settings, read once from ``SNODEVIT_*`` environment variables when the service module is imported."""
+"""Service settings, read from ``SNODEVIT_*`` environment variables.
+
+The service reads them when it starts (``SNodeViTService.__init__``, and the request guard when BentoML builds
+the app). Only :data:`DECLARED_FIELDS` are read when ``service.service`` is imported: the class declaration needs
+them (the decorator's traffic timeout, the model reference at class scope, the bounds and defaults of the API
+signatures).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, get_args
+
+import torch
 
 from snodevit.data import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from snodevit.inference.precision import PRECISIONS
@@ -14,14 +22,18 @@ from snodevit.inference.precision import PRECISIONS
 
 def _torch_threads() -> int:
     """torch's own intra-op thread count: OMP_NUM_THREADS when set, else the physical cores."""
-    import torch
-
     return torch.get_num_threads()
 
 
 BackendName = Literal["torch", "onnx"]
 BACKENDS: tuple[str, ...] = get_args(BackendName)
 ENV_PREFIX = "SNODEVIT_"
+#: What ``service.service`` reads when it is imported (by ``bentoml serve``'s main process, ``bentoml build`` and
+#: each worker): the model tag (the class-scope model reference a Bento packs), the request timeout (BentoML's
+#: traffic timeout is a backstop behind it), and what the API signatures declare (the bounds of num_samples, the
+#: defaults of num_samples and top_k). Every other field is read when the service starts.
+DECLARED_FIELDS: tuple[str, ...] = ("model", "timeout_s", "num_samples", "max_num_samples", "auto_max_samples",
+                                    "top_k")
 
 
 @dataclass(frozen=True)
@@ -72,8 +84,14 @@ class ServiceSettings:
         return self.max_bytes + 64 * 2**10
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, *,
+                 only: Collection[str] | None = None) -> ServiceSettings:
         """Read ``SNODEVIT_<FIELD>`` variables; unset ones keep their defaults.
+
+        Args:
+            environ: the variables; None reads ``os.environ``.
+            only: read just these fields (e.g. :data:`DECLARED_FIELDS`); the others keep their defaults, whatever
+                the variables say. None reads every field.
 
         Raises:
             ValueError: a value that does not parse or is out of range, naming the variable.
@@ -82,7 +100,7 @@ class ServiceSettings:
         values: dict[str, object] = {}
         for f in dataclasses.fields(cls):
             key = ENV_PREFIX + f.name.upper()
-            if key not in environ:
+            if key not in environ or (only is not None and f.name not in only):
                 continue
             raw = environ[key].strip()
             try:

@@ -1,7 +1,8 @@
 """Test support: a tiny random SNodeViT in a throwaway BentoML home, served by the real service class.
 
-``service.service`` reads its settings and model tag when it is imported, so :func:`prepare_service` sets the
-``SNODEVIT_*`` variables and ``BENTOML_HOME`` first, then imports (or re-imports) it. The three test tiers use it
+``service.service`` reads its declared settings (the model tag among them) when it is imported and the rest when
+the service starts, so :func:`prepare_service` sets the ``SNODEVIT_*`` variables and ``BENTOML_HOME`` first, then
+imports (or re-imports) it. The three test tiers use it
 alike: unit tests instantiate ``SNodeViTService()``, HTTP tests wrap ``SNodeViTService.to_asgi()``, integration
 tests start ``bentoml serve`` with :attr:`PreparedService.env`.
 """
@@ -19,6 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+import torch
+
+from calibration import fit_feature_density, fit_novelty_threshold
+from snodevit.checkpoint import save_model
+from snodevit.config import MNIST_OVERRIDES
+from snodevit.data import load_dataset, normalize
+from snodevit.inference.fitted import Calibration, OodGate
+from snodevit.inference.passes import draw_noise
+from snodevit.inference.predictor import predict
+from snodevit.model import SNodeViT, create_model
+
+from .store import register_model, use_home
 
 CALIBRATION: dict[str, Any] = {"temperature": 1.3, "conformal_score": "aps",
                                "conformal_thresholds": {"0.05": 0.9, "0.1": 0.8}, "decision_score": "confidence",
@@ -43,22 +57,13 @@ TEST_ENV = {"SNODEVIT_NUM_SAMPLES": "8", "SNODEVIT_BATCH_WAIT_MS": "20",
             "SNODEVIT_TIMEOUT_S": "60"}
 
 
-def fit_test_gate(model: Any, review_rate: float = GATE_REVIEW_RATE) -> dict[str, Any]:
+def fit_test_gate(model: SNodeViT, review_rate: float = GATE_REVIEW_RATE) -> dict[str, Any]:
     """A feature-density out-of-distribution gate for ``model``, fitted as `snodevit calibrate` fits one.
 
     The density is fitted on one sample's features of the first ``GATE_TRAIN_IMAGES`` mnist5k training images;
     the threshold is the conformal novelty threshold of the served scores (S = 8, image i seeded with i) of the
     first ``GATE_CALIBRATION_IMAGES`` calibration images. Returns the gate as meta.json stores it.
     """
-    import torch
-
-    from calibration import fit_feature_density, fit_novelty_threshold
-    from snodevit.data.sets import load_dataset
-    from snodevit.data import normalize
-    from snodevit.inference.fitted import Calibration, OodGate
-    from snodevit.inference.passes import draw_noise
-    from snodevit.inference.predictor import predict
-
     bundle = load_dataset("mnist5k")
     prep = bundle.preprocessing
     train, labels = bundle.raw("train")
@@ -84,12 +89,7 @@ def make_tiny_model(directory: str | os.PathLike[str], *, seed: int = 0, calibra
     the diffusion is strong, so answers differ between images and between seeds. ``gate`` adds an
     out-of-distribution gate to the calibration (:func:`fit_test_gate`).
     """
-    import torch
-
-    import snodevit
-    from snodevit.data.sets import load_dataset
-
-    model = snodevit.create_model("tiny", **snodevit.MNIST_OVERRIDES, dim=24, depth=2, num_heads=2, rank=4,
+    model = create_model("tiny", **MNIST_OVERRIDES, dim=24, depth=2, num_heads=2, rank=4,
                                   time_hidden_dim=16, noise_dim=4, diffusion_scale=1.0)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -100,7 +100,7 @@ def make_tiny_model(directory: str | os.PathLike[str], *, seed: int = 0, calibra
     if calibrated:
         meta["calibration"] = {**CALIBRATION, "ood_gate": fit_test_gate(model)} if gate else CALIBRATION
         meta["calibration_figures"] = CALIBRATION_FIGURES
-    return snodevit.save_model(model, directory, meta=meta)
+    return save_model(model, directory, meta=meta)
 
 
 @dataclass
@@ -129,8 +129,6 @@ def prepare_service(extra_env: dict[str, str] | None = None) -> PreparedService:
     global _PREPARED
     if _PREPARED is not None:
         return _PREPARED
-    from service.store import register_model, use_home
-
     root = Path(tempfile.mkdtemp(prefix="snodevit-service-test-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
