@@ -13,7 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+from snodevit.checkpoint import load_model
 from snodevit.cli._common import add_json_flag, emit, positive_int
+from snodevit.cli.errors import EXIT_PARTIAL, CLIError
+
+from .onnx_export import check_parity, export_onnx
+from .runtime import OnnxPredictor
 
 PARITY_IMAGES = 4
 PARITY_SAMPLES = 4
@@ -32,11 +37,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from export import OnnxPredictor, check_parity, export_onnx
-
-    from snodevit.checkpoint import load_model
-    from snodevit.cli.errors import EXIT_PARTIAL, CLIError
-
     if args.out.suffix != ".onnx":
         raise CLIError(f"--out must name a .onnx file, got {str(args.out)!r}")
     if args.out.is_dir():

@@ -3,8 +3,9 @@
 The graph is ``model.sample_logits`` with the Monte Carlo samples folded into the batch: inputs ``images``
 (B, C, H, W) and ``noise`` (S, B, depth, K, N, m), outputs ``logits`` (S, B, classes), optionally
 ``attention`` (S, B, depth, N, N), and ``features`` (S, B, F, D), the pooled features the out-of-distribution
-gate reads (its fitted density lives in the calibration metadata, so a recalibrated model scores the same graph). The batch size B and the number of samples S are dynamic; the image size, the
-token count N and the noise tail (depth, K, N, m) are fixed by the config. Randomness stays outside the graph,
+gate reads (its fitted density lives in the calibration metadata, so a recalibrated model scores the same graph).
+The batch size B and the number of samples S are dynamic; the image size, the token count N and the noise tail
+(depth, K, N, m) are fixed by the config. Randomness stays outside the graph,
 so ONNX Runtime given the same noise reproduces PyTorch to float32 round-off, and ``snodevit.inference.predict``
 draws the same per-image noise for both backends.
 
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from calibration.files import atomic_write_bytes
+from snodevit import __version__ as SNODEVIT_VERSION
 from snodevit.checkpoint import weights_hash
 from snodevit.model import SNodeViT
 
@@ -69,6 +71,44 @@ def _quiet_exporter() -> Iterator[None]:
         folding.setLevel(level)
 
 
+def _check_sizes(opset: int | None, dynamic: bool, batch_size: int, num_samples: int) -> None:
+    """Refuse an opset the exporter cannot emit and example sizes it could specialise (see :func:`export_onnx`)."""
+    if opset is not None and opset < MIN_OPSET:
+        raise ValueError(f"opset must be >= {MIN_OPSET} (the torch.export-based exporter emits opset 18+), got {opset}")
+    if dynamic and (batch_size < 2 or num_samples < 2 or batch_size == num_samples):
+        raise ValueError("a dynamic export needs example sizes batch_size >= 2 and num_samples >= 2 that differ, "
+                         f"got batch_size={batch_size}, num_samples={num_samples}")
+    if not dynamic and (batch_size < 1 or num_samples < 1):
+        raise ValueError(f"batch_size and num_samples must be >= 1, got {batch_size} and {num_samples}")
+
+
+def _trace(model: SNodeViT, attention_maps: bool, dynamic: bool, batch_size: int, num_samples: int,
+           opset: int | None) -> Any:
+    """The exporter's ONNXProgram of ``model`` in eval mode (its training flag is restored afterwards).
+
+    The example images and noise are seeded, so the same model always gives the same graph.
+    """
+    cfg = model.cfg
+    p = next(model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, generator=gen).to(p.device)
+    noise = torch.randn(model.noise_shape(batch_size, num_samples), generator=gen).to(p.device)
+    dynamic_shapes = None
+    if dynamic:
+        batch, samples = torch.export.Dim("batch"), torch.export.Dim("num_samples")
+        dynamic_shapes = {"images": {0: batch}, "noise": {0: samples, 1: batch}}
+    outputs = [LOGITS, ATTENTION, FEATURES] if attention_maps else [LOGITS, FEATURES]
+    was_training = model.training
+    model.eval()
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(_SamplingGraph(model, attention_maps).eval(), (images, noise), dynamo=True,
+                                        dynamic_shapes=dynamic_shapes, input_names=[IMAGES, NOISE],
+                                        output_names=outputs, opset_version=opset, verbose=False)
+    finally:
+        model.train(was_training)
+    return program
+
 
 def export_onnx(model: SNodeViT, path: str | Path, *, meta: Mapping[str, Any], opset: int | None = None,
                 attention_maps: bool = False, dynamic: bool = True, batch_size: int = 2,
@@ -99,37 +139,11 @@ def export_onnx(model: SNodeViT, path: str | Path, *, meta: Mapping[str, Any], o
     from onnxscript.rewriter import rewrite
     from onnxscript.rewriter.rules.common import expand_before_binary_op_rules
 
-    import snodevit
-
-    if opset is not None and opset < MIN_OPSET:
-        raise ValueError(f"opset must be >= {MIN_OPSET} (the torch.export-based exporter emits opset 18+), got {opset}")
-    if dynamic and (batch_size < 2 or num_samples < 2 or batch_size == num_samples):
-        raise ValueError("a dynamic export needs example sizes batch_size >= 2 and num_samples >= 2 that differ, "
-                         f"got batch_size={batch_size}, num_samples={num_samples}")
-    if not dynamic and (batch_size < 1 or num_samples < 1):
-        raise ValueError(f"batch_size and num_samples must be >= 1, got {batch_size} and {num_samples}")
+    _check_sizes(opset, dynamic, batch_size, num_samples)
     cfg = model.cfg
     check_meta(cfg, meta)  # fail before the (slow) export, not after
     path = Path(path)
-    p = next(model.parameters())
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, generator=gen).to(p.device)
-    noise = torch.randn(model.noise_shape(batch_size, num_samples), generator=gen).to(p.device)
-    dynamic_shapes = None
-    if dynamic:
-        batch, samples = torch.export.Dim("batch"), torch.export.Dim("num_samples")
-        dynamic_shapes = {"images": {0: batch}, "noise": {0: samples, 1: batch}}
-    outputs = [LOGITS, ATTENTION, FEATURES] if attention_maps else [LOGITS, FEATURES]
-
-    was_training = model.training
-    model.eval()
-    try:
-        with _quiet_exporter():
-            program = torch.onnx.export(_SamplingGraph(model, attention_maps).eval(), (images, noise), dynamo=True,
-                                        dynamic_shapes=dynamic_shapes, input_names=[IMAGES, NOISE],
-                                        output_names=outputs, opset_version=opset, verbose=False)
-    finally:
-        model.train(was_training)
+    program = _trace(model, attention_maps, dynamic, batch_size, num_samples, opset)
     ir_model = program.model  # dynamo=True always returns an ONNXProgram
     actual_opset = ir_model.opset_imports.get("", 0)
     if opset is not None and actual_opset != opset:
@@ -138,11 +152,12 @@ def export_onnx(model: SNodeViT, path: str | Path, *, meta: Mapping[str, Any], o
     # 6-block model cost ~5% of a CPU forward pass.
     rewrite(ir_model, pattern_rewrite_rules=expand_before_binary_op_rules)
     kind = "SDE" if cfg.stochastic else "ODE"
-    ir_model.doc_string = (f"snodevit {kind} ViT ({cfg.attention} attention): images {tuple(images.shape[1:])} + "
+    image_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    ir_model.doc_string = (f"snodevit {kind} ViT ({cfg.attention} attention): images {image_shape} + "
                            "noise -> Monte Carlo logits; see metadata_props snodevit.*")
     ir_model.metadata_props.update(encode_metadata(
         cfg, meta, weights_sha256=weights_hash(model), opset=actual_opset, attention_maps=attention_maps,
-        static_sizes=None if dynamic else (batch_size, num_samples), version=snodevit.__version__))
+        static_sizes=None if dynamic else (batch_size, num_samples), version=SNODEVIT_VERSION))
     data = ir.serde.serialize_model(ir_model).SerializeToString()
     atomic_write_bytes(path, data, lambda tmp: onnx.checker.check_model(tmp, full_check=True))
     logger.info("exported %s (%d bytes, opset %d)", path, len(data), actual_opset)

@@ -11,7 +11,7 @@ When the store (``BENTOML_HOME``) has no ``snodevit-mnist`` model, this
    snodevit has that command;
 3. exports it: ``snodevit export --model runs/demo --out runs/demo/model.onnx --attention-maps``, when this
    snodevit has that command (a failed export is reported and the model is registered without it);
-4. registers it as ``snodevit-mnist`` (``snodevit.store.register_model``),
+4. registers it as ``snodevit-mnist`` (``service.store.register_model``),
 
 and prints what it did and how long each step took. With a model already there it only says so.
 """
@@ -27,10 +27,18 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from service.store import DEFAULT_NAME, ONNX_FILE
+import bentoml
+from bentoml import Tag
+from bentoml.exceptions import NotFound
+
+from calibration.files import atomic_write_bytes
+from snodevit.checkpoint import CheckpointError, load_model, weights_hash
 from snodevit.inference.precision import PRECISIONS, cpu_has_bf16
 
+from .store import DEFAULT_NAME, ONNX_FILE, register_model, stored_metadata
+
 Runner = Callable[[list[str]], int]
+Step = Callable[[str, list[str]], None]  # runs one `snodevit` command, timed; exits when it fails
 
 
 def _snodevit(args: list[str]) -> int:
@@ -58,9 +66,6 @@ def copy_pretrained(source: Path, out: Path) -> str:
     Raises:
         SystemExit: ``source`` is not a finished run, or its weights do not match the SHA-256 in its meta.json.
     """
-    from calibration.files import atomic_write_bytes
-    from snodevit.checkpoint import CheckpointError, load_model, weights_hash
-
     if not trained(source):
         raise SystemExit(f"service.demo: --pretrained {source} is not a finished training run "
                          "(needs model.safetensors, config.json and meta.json with the full history)")
@@ -80,9 +85,6 @@ def copy_pretrained(source: Path, out: Path) -> str:
 
 def existing(name: str) -> str | None:
     """The newest stored version of ``name``, or None."""
-    import bentoml
-    from bentoml.exceptions import NotFound
-
     try:
         return str(bentoml.models.get(f"{name}:latest").tag)
     except NotFound:
@@ -106,6 +108,67 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _weights(args: argparse.Namespace, step: Step, steps: list[tuple[str, float]], extra: list[str]) -> bool:
+    """Step 1: a finished run in ``args.out`` (reused, copied from ``--pretrained`` or trained).
+
+    Returns:
+        Whether new weights were written to ``args.out`` (a graph already there then belongs to older ones).
+    """
+    out = args.out
+    if trained(out):
+        print(f"== train: reusing the finished run in {out}")
+        return False
+    if args.pretrained is not None:
+        t0 = time.perf_counter()
+        digest = copy_pretrained(args.pretrained, out)
+        steps.append(("copy checkpoint", time.perf_counter() - t0))
+        recipe = (json.loads((out / "meta.json").read_text()).get("provenance") or {}).get("command")
+        print(f"== train: skipped, using the shipped checkpoint {args.pretrained} (weights {digest[:12]} verified"
+              + (f"; trained by `{recipe}`" if recipe else "") + "); `make serve RETRAIN=1` trains from scratch")
+    else:
+        precision = args.precision or ("bf16" if cpu_has_bf16() else "auto")
+        step("train", ["train", "--variant", "tiny", "--data", args.data, "--epochs", str(args.epochs),
+                       "--precision", precision, "--out", str(out), *extra])
+    return True
+
+
+def _calibrate(out: Path, data: str, step: Step) -> bool:
+    """Step 2: calibrate ``out`` unless its meta.json already is. Returns whether it ran."""
+    if calibrated(out):
+        print(f"== calibrate: {out}/meta.json is already calibrated")
+        return False
+    # S=8 keeps the first `make serve` near its 10-minute budget on 2 cores; the full S=32 report is
+    # `snodevit calibrate --model runs/demo --data mnist5k --out DIR`.
+    step("calibrate", ["calibrate", "--model", str(out), "--data", data, "--out", str(out / "calibration"),
+                       "--num-samples", "8"])
+    return True
+
+
+def _export(out: Path, stale: bool, step: Step) -> Path | None:
+    """Step 3: the ONNX graph of ``out`` (exported again when ``stale``); None when the export failed."""
+    onnx = out / ONNX_FILE
+    if onnx.is_file() and not stale:
+        print(f"== export: reusing {onnx}")
+        return onnx
+    try:
+        step("export", ["export", "--model", str(out), "--out", str(onnx), "--attention-maps"])
+    except SystemExit as err:
+        print(f"{err}; registering without the ONNX graph (the torch backend does not need it)")
+        return None
+    return onnx
+
+
+def _register(out: Path, name: str, onnx: Path | None) -> Tag:
+    """Step 4: register ``out`` (with its graph when it matches) in the model store."""
+    try:
+        return register_model(out, name=name, onnx_path=onnx, labels={"stage": "demo"})
+    except ValueError as err:  # CheckpointError: e.g. a stale graph from an earlier run
+        if onnx is None:
+            raise
+        print(f"== register: {err}; registering without the ONNX graph")
+        return register_model(out, name=name, labels={"stage": "demo"})
+
+
 def main(argv: Sequence[str] | None = None, runner: Runner = _snodevit) -> int:
     args = build_parser().parse_args(argv)
     extra = [a for a in args.train_args if a != "--"] if args.train_args else []
@@ -114,8 +177,6 @@ def main(argv: Sequence[str] | None = None, runner: Runner = _snodevit) -> int:
     if found and not args.force:
         print(f"model store {home} already has {found}; nothing to do (--force registers a new version)")
         return 0
-
-    from service.store import register_model, stored_metadata
 
     start = time.perf_counter()
     steps: list[tuple[str, float]] = []
@@ -128,49 +189,11 @@ def main(argv: Sequence[str] | None = None, runner: Runner = _snodevit) -> int:
         if code != 0:
             raise SystemExit(f"service.demo: `snodevit {' '.join(argv_)}` failed with exit code {code}")
 
-    out = args.out
-    new_weights = False  # weights just written to `out`: any graph already there belongs to older ones
-    if trained(out):
-        print(f"== train: reusing the finished run in {out}")
-    elif args.pretrained is not None:
-        t0 = time.perf_counter()
-        digest = copy_pretrained(args.pretrained, out)
-        new_weights = True
-        steps.append(("copy checkpoint", time.perf_counter() - t0))
-        recipe = (json.loads((out / "meta.json").read_text()).get("provenance") or {}).get("command")
-        print(f"== train: skipped, using the shipped checkpoint {args.pretrained} (weights {digest[:12]} verified"
-              + (f"; trained by `{recipe}`" if recipe else "") + "); `make serve RETRAIN=1` trains from scratch")
-    else:
-        precision = args.precision or ("bf16" if cpu_has_bf16() else "auto")
-        step("train", ["train", "--variant", "tiny", "--data", args.data, "--epochs", str(args.epochs),
-                       "--precision", precision, "--out", str(out), *extra])
-        new_weights = True
-    ran_calibration = False
-    if calibrated(out):
-        print(f"== calibrate: {out}/meta.json is already calibrated")
-    else:
-        # S=8 keeps the first `make serve` near its 10-minute budget on 2 cores; the full S=32 report is
-        # `snodevit calibrate --model runs/demo --data mnist5k --out DIR`.
-        step("calibrate", ["calibrate", "--model", str(out), "--data", args.data, "--out", str(out / "calibration"),
-                           "--num-samples", "8"])
-        ran_calibration = True
-    onnx: Path | None = out / ONNX_FILE
-    if onnx.is_file() and not (ran_calibration or new_weights):
-        print(f"== export: reusing {onnx}")
-    else:
-        try:
-            step("export", ["export", "--model", str(out), "--out", str(onnx), "--attention-maps"])
-        except SystemExit as err:
-            print(f"{err}; registering without the ONNX graph (the torch backend does not need it)")
-            onnx = None
+    new_weights = _weights(args, step, steps, extra)
+    ran_calibration = _calibrate(args.out, args.data, step)
+    onnx = _export(args.out, ran_calibration or new_weights, step)
     t0 = time.perf_counter()
-    try:
-        tag = register_model(out, name=args.name, onnx_path=onnx, labels={"stage": "demo"})
-    except ValueError as err:  # CheckpointError: e.g. a stale graph from an earlier run
-        if onnx is None:
-            raise
-        print(f"== register: {err}; registering without the ONNX graph")
-        tag = register_model(out, name=args.name, labels={"stage": "demo"})
+    tag = _register(args.out, args.name, onnx)
     steps.append(("register", time.perf_counter() - t0))
     md = stored_metadata(str(tag))
     print(f"== registered {tag} in {home}: weights {md['version']}, backends {', '.join(md['backends'])}, "

@@ -8,7 +8,8 @@ A stored model is a plain copy of the model directory written by ``snodevit trai
     meta.json           class names, preprocessing, calibration, training figures
     model.onnx          optional: ``snodevit export`` of the same weights
 
-so ``snodevit.loading.open_model(stored_path, backend="torch" | "onnx")`` opens it like any model directory.
+so ``snodevit.inference.backends.open_model(stored_path, backend="torch" | "onnx")`` opens it like any model
+directory.
 The BentoML entry's metadata carries the headline figures (classes, weights hash, calibration), so
 ``bentoml models get snodevit-mnist:latest`` answers "which model is this?" without loading it.
 
@@ -26,13 +27,17 @@ import os
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import bentoml
+from bentoml import Tag
+from bentoml.exceptions import BentoMLException, NotFound
+
+from export.metadata import read_onnx_metadata
+from export.runtime import ONNX
 from snodevit.checkpoint import CONFIG_FILE, META_FILE, WEIGHTS_FILE, CheckpointError, load_model, weights_hash
+from snodevit.inference.backends import TORCH
 from snodevit.inference.fitted import Calibration
-
-if TYPE_CHECKING:
-    from bentoml import Tag
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +49,8 @@ _MAX_DEPTH = 3
 
 
 def _store_overrides(home: Path) -> list[tuple[Any, Any]]:
+    # BentoML's internals, imported only when a process switches stores (they are not its public API, and load
+    # its whole configuration container)
     from bentoml._internal.bento import BentoStore
     from bentoml._internal.configuration.containers import BentoMLContainer
     from bentoml._internal.models import ModelStore
@@ -137,15 +144,13 @@ def headline_metadata(meta: Mapping[str, Any], weights_sha256: str, has_onnx: bo
         "preprocessing": dict(meta.get("preprocessing", {})),
         "data": str(meta.get("data", "")),
         "calibrated": bool(calibration),
-        "backends": ["torch", "onnx"] if has_onnx else ["torch"],
+        "backends": [TORCH, ONNX] if has_onnx else [TORCH],
         **{f"training.{k}": v for k, v in best.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
         **figures,
     }
 
 
 def _check_onnx(onnx_path: Path, weights_sha256: str, meta: Mapping[str, Any]) -> None:
-    from export import read_onnx_metadata
-
     onnx_meta = read_onnx_metadata(onnx_path)
     if onnx_meta["weights_sha256"] != weights_sha256:
         raise CheckpointError(f"{onnx_path} was exported from other weights (sha256 "
@@ -188,8 +193,6 @@ def register_model(
         FileNotFoundError: ``onnx_path`` does not exist.
         ValueError: labels that are not strings.
     """
-    import bentoml
-
     model_dir = Path(model_dir)
     model, meta = load_model(model_dir, map_location="cpu")
     missing = [k for k in ("class_names", "preprocessing") if k not in meta]
@@ -225,9 +228,6 @@ def resolve(tag_or_path: str | os.PathLike[str]) -> Path:
     Raises:
         LookupError: neither an existing directory nor a tag in the store; the message lists what the store has.
     """
-    import bentoml
-    from bentoml.exceptions import BentoMLException, NotFound
-
     path = Path(tag_or_path)
     if path.is_dir():
         return path
@@ -246,6 +246,4 @@ def resolve(tag_or_path: str | os.PathLike[str]) -> Path:
 
 def stored_metadata(tag: str) -> dict[str, Any]:
     """The metadata of a stored model (see :func:`headline_metadata`), JSON round-tripped to plain types."""
-    import bentoml
-
     return json.loads(json.dumps(bentoml.models.get(tag).info.metadata, default=str))
