@@ -408,6 +408,23 @@ def test_settings_from_env() -> None:
         ServiceSettings.from_env({"SNODEVIT_MODEL": ""})
 
 
+def test_declared_settings_are_read_at_import_the_rest_when_the_service_starts(
+        prepared, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only DECLARED_FIELDS shape the class at import; a declared one changed before the start is refused."""
+    from service.settings import DECLARED_FIELDS, ServiceSettings
+
+    env = {"SNODEVIT_NUM_SAMPLES": "16", "SNODEVIT_BACKEND": "onnx", "SNODEVIT_MAX_IMAGES": "5"}
+    only = ServiceSettings.from_env(env, only=DECLARED_FIELDS)
+    assert (only.num_samples, only.backend, only.max_images) == (16, "torch", 64)  # the others keep defaults
+    module = prepared.module
+    assert module.DECLARED.model == prepared.tag and module.DECLARED.num_samples == 8
+    monkeypatch.setenv("SNODEVIT_MAX_IMAGES", "5")  # not declared: read when the service starts
+    assert module.started_settings().max_images == 5
+    monkeypatch.setenv("SNODEVIT_NUM_SAMPLES", "16")  # declared: the API signatures already say 8
+    with pytest.raises(ValueError, match="SNODEVIT_NUM_SAMPLES changed after service.service was imported"):
+        module.started_settings()
+
+
 @pytest.mark.parametrize(("status", "body", "expected"), [
     (400, b'{"error": "x", "detail": "y"}', {"error": "x", "detail": "y"}),
     (400, b'{"error": "1 validation error for Input", "detail": [{"type": "less_than_equal", "loc": ["num_samples"],'
