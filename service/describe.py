@@ -27,7 +27,7 @@ def model_info(loaded: LoadedModel, *, name: str, tag: str) -> ModelInfo:
 
 def fitted_alphas(loaded: LoadedModel) -> list[float]:
     """The alphas with a fitted conformal threshold, smallest first: the values a request's ``alpha`` may take."""
-    return sorted(float(a) for a in loaded.calibration.conformal_thresholds)
+    return loaded.calibration.alphas
 
 
 def calibration_figures(loaded: LoadedModel) -> CalibrationFigures | None:

@@ -186,10 +186,11 @@ class Engine:
             return None
         if alpha is None:
             return default_alpha(self.loaded.calibration)
-        for fitted in self.alphas:
-            if abs(fitted - alpha) < 1e-9:
-                return fitted
-        raise invalid_parameter("alpha", f"{alpha} has no fitted conformal threshold; use one of {self.alphas}")
+        try:
+            return self.loaded.calibration.fitted_alpha(alpha)
+        except ValueError:
+            raise invalid_parameter("alpha", f"{alpha} has no fitted conformal threshold; use one of {self.alphas}") \
+                from None
 
     # ----------------------------------------------------------------------------------------- decoding
     def read_upload(self, path: Path, where: str) -> bytes:

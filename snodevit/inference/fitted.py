@@ -236,14 +236,31 @@ class Calibration:
                    ood_gate=None if not data.get("ood_gate") else OodGate.from_dict(data["ood_gate"]),
                    precision=_precision_from_json(data.get("precision", "fp32")))
 
-    def threshold_for(self, alpha: float) -> float:
-        """Conformal threshold fitted for ``alpha`` (a key of ``conformal_thresholds``).
+    @property
+    def alphas(self) -> list[float]:
+        """The alphas with a fitted conformal threshold, smallest first: the values a request's ``alpha`` may take."""
+        return sorted(float(k) for k in self.conformal_thresholds)
+
+    def _alpha_key(self, alpha: float) -> str:
+        """The key of ``conformal_thresholds`` that ``alpha`` names: equal within 1e-9, so a float parsed from a
+        form field finds the alpha that was fitted.
 
         Raises:
             ValueError: when no threshold was fitted for this alpha.
         """
-        for key, value in self.conformal_thresholds.items():
+        for key in self.conformal_thresholds:
             if abs(float(key) - alpha) < 1e-9:
-                return value
-        fitted = sorted(float(k) for k in self.conformal_thresholds)
-        raise ValueError(f"alpha={alpha} has no fitted conformal threshold; fitted alphas: {fitted}")
+                return key
+        raise ValueError(f"alpha={alpha} has no fitted conformal threshold; fitted alphas: {self.alphas}")
+
+    def fitted_alpha(self, alpha: float) -> float:
+        """The fitted alpha that ``alpha`` names (see ``threshold_for``). Raises ValueError when there is none."""
+        return float(self._alpha_key(alpha))
+
+    def threshold_for(self, alpha: float) -> float:
+        """Conformal threshold fitted for ``alpha`` (a key of ``conformal_thresholds``, equal within 1e-9).
+
+        Raises:
+            ValueError: when no threshold was fitted for this alpha.
+        """
+        return self.conformal_thresholds[self._alpha_key(alpha)]

@@ -77,6 +77,4 @@ def check_alpha(alpha: float) -> float:
 def default_alpha(calibration: "Calibration") -> float | None:
     """The conformal miscoverage used when a request names none: the smallest fitted alpha (the largest, safest
     sets), or None when no conformal threshold was fitted."""
-    if not calibration.conformal_thresholds:
-        return None
-    return min(float(k) for k in calibration.conformal_thresholds)
+    return calibration.alphas[0] if calibration.alphas else None
