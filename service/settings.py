@@ -17,6 +17,7 @@ from typing import Literal, get_args
 import torch
 
 from snodevit.data import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from snodevit.inference.params import DEFAULT_NUM_SAMPLES
 from snodevit.inference.precision import PRECISIONS
 
 
@@ -44,7 +45,7 @@ class ServiceSettings:
     backend: BackendName = "torch"  # "torch" (PyTorch) or "onnx" (ONNX Runtime on the stored model.onnx)
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda[:i]"
     precision: str = "auto"  # "fp32", "bf16" (autocast) or "auto": bf16 where the device has native bf16 (torch only)
-    num_samples: int = 32  # Monte Carlo samples per image when a request does not say
+    num_samples: int = DEFAULT_NUM_SAMPLES  # Monte Carlo samples per image when a request does not say
     max_num_samples: int = 256  # the most samples one request may ask for
     auto_max_samples: int = 32  # the most samples num_samples="auto" draws for one image (adaptive sampling)
     top_k: int = 3  # classes listed in ``top_k`` when a request does not say
