@@ -10,7 +10,7 @@ Keys::
     snodevit.version         snodevit version that exported the graph
     snodevit.config          SNodeViTConfig as JSON: the model can be rebuilt from it
     snodevit.class_names     JSON list, index = class id
-    snodevit.preprocessing   JSON of ``snodevit.images.Preprocessing``: how an image becomes the ``images`` input
+    snodevit.preprocessing   JSON of ``snodevit.data.Preprocessing``: how an image becomes the ``images`` input
     snodevit.calibration     JSON object of ``snodevit.inference.Calibration.to_dict()`` (identity when not fitted)
     snodevit.weights_sha256  ``snodevit.checkpoint.weights_hash`` of the exported weights
     snodevit.opset           ONNX opset of the default domain

@@ -206,7 +206,7 @@ class Engine:
         return path.read_bytes()
 
     def decode(self, data: bytes, where: str | None = None) -> Decoded:
-        """Decode untrusted bytes into the model input (``snodevit.images``: byte and pixel caps, format list).
+        """Decode untrusted bytes into the model input (``snodevit.data.decode``: byte and pixel caps, format list).
 
         Raises:
             ServiceError: 400 / 413 / 415 from the decoder, ``where`` in front of the detail.

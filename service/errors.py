@@ -26,7 +26,7 @@ STATUS_CODES: dict[int, str] = {
     413: "too_large", 415: "unsupported_media_type", 422: "invalid_parameter", 429: "overloaded",
     500: "internal_error", 501: "not_available", 503: "unavailable", 504: "timeout",
 }
-#: The HTTP status of each refused-image code (``snodevit.data.images.IMAGE_ERROR_CODES``): 413 too large, 415 not
+#: The HTTP status of each refused-image code (``snodevit.data.IMAGE_ERROR_CODES``): 413 too large, 415 not
 #: an image the service takes, 400 a broken or empty one.
 IMAGE_ERROR_STATUS: dict[str, int] = {
     "empty_body": 400, "too_large": 413, "too_many_pixels": 413, "not_an_image": 415, "unsupported_format": 415,

@@ -17,7 +17,7 @@ def overlay_png(image: torch.Tensor, heat: torch.Tensor, *, colormap: str = "inf
 
     Args:
         image: uint8 (C, S, S), C = 1 or 3: the model's input before normalisation
-            (``snodevit.images.to_uint8_tensor``).
+            (``snodevit.data.to_uint8_tensor``).
         heat: (g, g) non-negative map over patches, e.g. the attention rollout.
         colormap: a matplotlib colormap name.
         opacity: weight of the colormap in the blend, in [0, 1].

@@ -1,6 +1,6 @@
 """Request parameters and JSON answers of the HTTP service, as pydantic models (they make the OpenAPI schema).
 
-The answer of one image mirrors ``snodevit.records.prediction_records`` key for key, so the service and the
+The answer of one image mirrors ``snodevit.inference.records.prediction_records`` key for key, so the service and the
 batch-scoring CLI report the same numbers; the service adds ``model`` and ``timing``.
 """
 
@@ -125,7 +125,7 @@ class OodAnswer(BaseModel):
 
 
 class Classification(BaseModel):
-    """One image's answer: the keys of ``snodevit.records.prediction_records``."""
+    """One image's answer: the keys of ``snodevit.inference.records.prediction_records``."""
 
     label: str
     class_index: int

@@ -1,6 +1,7 @@
 """Service tier 1 (unit): the service class called directly with a tiny model, and its parts on their own.
 
-The service answers with the numbers of ``snodevit.inference.predict`` + ``snodevit.records.prediction_records``
+The service answers with the numbers of ``snodevit.inference.predict`` +
+``snodevit.inference.records.prediction_records``
 (the functions the CLI uses), batches concurrent requests without changing their answers beyond float32
 round-off, and refuses bad parameters and images with the common error shape.
 """

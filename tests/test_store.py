@@ -1,4 +1,4 @@
-"""snodevit.store: registering models in a temporary BentoML home, resolving tags, the ONNX graph alongside."""
+"""service.store: registering models in a temporary BentoML home, resolving tags, the ONNX graph alongside."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ from torch import Tensor
 from snodevit.inference.fitted import Calibration, OodGate
 from snodevit.inference.passes import SamplingBackend, run_passes
 from snodevit.inference.precision import Precision
-from snodevit.inference.summary import UncertaintySummary, entropy, standard_error, summarize, uncertainty_standard_errors
+from snodevit.inference.summary import (UncertaintySummary, entropy, standard_error, summarize,
+                                        uncertainty_standard_errors)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ class LoadedModel:
     weights_sha256: str
     source: str  # path it was loaded from
     meta: dict[str, Any]
-    precision: Precision = "fp32"  # what its forward passes run in (``snodevit.precision``)
+    precision: Precision = "fp32"  # what its forward passes run in (``snodevit.inference.precision``)
 
     @property
     def version(self) -> str:

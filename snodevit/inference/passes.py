@@ -60,7 +60,7 @@ def sample_in_passes(backend: SamplingBackend, images: Tensor, noise: Tensor, *,
         attention: also return the applied attention (S, B, depth, N, N).
         features: also return the pooled features of the OOD gate (S, B, G, D).
         max_rows: the most rows per pass; None: ``CPU_ROWS_PER_PASS`` on a CPU, everything at once elsewhere.
-        precision: "fp32", or "bf16" to run the passes under bf16 autocast (``snodevit.precision``; already
+        precision: "fp32", or "bf16" to run the passes under bf16 autocast (``snodevit.inference.precision``; already
             resolved, so never "auto").
 
     Returns:

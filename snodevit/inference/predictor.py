@@ -84,8 +84,8 @@ def predict(backend: SamplingBackend, images: Tensor, *, num_samples: NumSamples
         attention: also compute attention maps and rollout (uses the explicit attention path).
         pool: the model's pooling, which decides whose attention row the maps show.
         adaptive: the stopping rule of ``num_samples="auto"``; None uses ``AdaptiveSampling()``.
-        precision: "fp32", "bf16" (autocast; the torch backend only) or "auto" (``snodevit.precision``: bf16 where
-            the device multiplies bf16 natively). The samples are cast back to fp32 before they are summarised.
+        precision: "fp32", "bf16" (autocast; the torch backend only) or "auto" (``snodevit.inference.precision``:
+            bf16 where the device multiplies bf16 natively). The samples are cast back to fp32 before they are summarised.
 
     Returns:
         A ``Prediction`` for the batch; ``num_samples`` says how many samples each image used.

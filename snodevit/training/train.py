@@ -48,7 +48,7 @@ _SYNC_EVERY = 16  # optimiser steps between reads of the running loss (and the d
 def use_bf16(precision: str, device: torch.device) -> bool:
     """Whether training autocasts to bf16; raises ValueError for bf16 on a CPU without native bf16 support.
 
-    Stricter than inference (``snodevit.precision.resolve_precision``): emulated bf16 would make hours of
+    Stricter than inference (``snodevit.inference.precision.resolve_precision``): emulated bf16 would make hours of
     training slower, so training refuses it; ``auto`` trains in bf16 on CUDA only.
     """
     if precision == "fp32":
