@@ -57,6 +57,15 @@ _SCORES = ("lac", "aps")
 __all__ = ["conformal_coverage", "conformal_quantile_index", "fit_conformal_threshold", "prediction_sets"]
 
 
+def _check_set_options(score: str, randomized: bool, generator: torch.Generator | None) -> None:
+    """The options shared by fitting a threshold and building sets: the score, and APS-only randomisation."""
+    check_choice(score, "score", _SCORES)
+    check_bool_arg(randomized, "randomized")
+    if randomized and score != "aps":
+        raise ValueError(f"`randomized=True` is only defined for score='aps', got score={score!r}")
+    _check_generator(generator)
+
+
 def _check_generator(generator: object) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}")
@@ -143,11 +152,7 @@ def fit_conformal_threshold(probs: Tensor, labels: Tensor, alpha: float, score: 
         0.3
     """
     check_open_unit_arg(alpha, "alpha")
-    check_choice(score, "score", _SCORES)
-    check_bool_arg(randomized, "randomized")
-    if randomized and score != "aps":
-        raise ValueError(f"`randomized=True` is only defined for score='aps', got score={score!r}")
-    _check_generator(generator)
+    _check_set_options(score, randomized, generator)
     check_probs_labels(probs, labels)
 
     n = probs.shape[0]
@@ -205,11 +210,7 @@ def prediction_sets(probs: Tensor, threshold: float, score: Score = "lac", rando
         [[1, 0, 0], [0, 0, 1]]
     """
     check_real_arg(threshold, "threshold")
-    check_choice(score, "score", _SCORES)
-    check_bool_arg(randomized, "randomized")
-    if randomized and score != "aps":
-        raise ValueError(f"`randomized=True` is only defined for score='aps', got score={score!r}")
-    _check_generator(generator)
+    _check_set_options(score, randomized, generator)
     check_bool_arg(allow_empty, "allow_empty")
     check_probs(probs)
 
