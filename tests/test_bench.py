@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from _benchmarks import load_benchmark
+from _benchmarks import BENCHMARKS, load_benchmark
 
 bench = load_benchmark("bench")
 
@@ -166,6 +166,18 @@ def test_adaptive_section_and_goals(quick) -> None:
     for g in goals.values():
         assert g["measured"] is None or math.isfinite(g["measured"])
         assert g["met"] in (True, False, None)
+
+
+def test_committed_results_give_their_goals_and_report() -> None:
+    """The committed results.json rebuilds its own goals, and renders the committed results.md's goals table line
+    for line (results.json stores its keys sorted, so the order of a few dict-ordered lists may differ elsewhere)."""
+    result = _strict_json(BENCHMARKS / "results.json")
+    assert bench.goals(result) == result["goals"]
+    rendered = bench.markdown(result).splitlines()
+    committed = (BENCHMARKS / "results.md").read_text().splitlines()
+    assert len(rendered) == len(committed)
+    start = committed.index("## 5. Goals")
+    assert rendered[start:] == committed[start:]
 
 
 def test_bad_arguments_exit_with_2(tmp_path: Path) -> None:
