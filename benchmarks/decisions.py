@@ -6,7 +6,7 @@ Every image set is written as PNG files to a temporary folder (labelled sets wit
 and the rows are counted: the share accepted automatically, the error rate among accepted images, and the shares sent
 to review as out of distribution or for low confidence.
 
-The sets (``snodevit.shift``; none of them is used to train or to fit the gate):
+The sets (``snodevit.data.shift``; none of them is used to train or to fit the gate):
 
 * ``test``: the mnist5k test split (in distribution);
 * ``rotated A``: the test split rotated by A degrees, 15..180;

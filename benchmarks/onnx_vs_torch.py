@@ -26,7 +26,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import FULL_VARIANTS, cpu_name, export_for_timing, time_alternating  # noqa: E402
+from bench_common import FULL_VARIANTS, time_alternating  # noqa: E402
+from bench_model_path import export_for_timing  # noqa: E402
+from snodevit.machine import cpu_name  # noqa: E402
 
 
 def _size(text: str) -> tuple[int, int]:

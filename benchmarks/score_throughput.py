@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -34,13 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from snodevit.machine import cpu_name  # noqa: E402
 from PIL import Image
+from snodevit.machine import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-
 
 #: ``--memory-model micro``: the test suite's small model, for memory runs of many images on a slow machine.
 MICRO = dict(dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4)
