@@ -2,7 +2,8 @@
 
 The figures of a quick run are meaningless (one epoch on a hundred images); the test checks that the pipeline
 runs, that the doc, JSON and figures are written (into tmp_path, never into docs/) and that checkpoints are
-reused. The full run is for the GPU machine (see the module docstring).
+reused. The full run is for the GPU machine (see the module docstring). The committed report renders the committed
+doc byte for byte.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from _benchmarks import load_benchmark
 
 bench = load_benchmark("uncertainty")
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def _finite_numbers(value: Any, where: str = "report") -> list[str]:
@@ -113,6 +115,12 @@ def test_a_checkpoint_from_before_a_new_train_option_is_still_reused(
     assert bench._train_config_filled(older.train_config) == job.train_config
     assert bench._train_config_filled({**job.train_config, "no_such_option": 1}) is None
     assert not bench._checkpoint_matches(replace(job, train_config={**job.train_config, "ood_shuffle_grid": 4}))
+
+
+def test_the_committed_report_renders_the_committed_doc() -> None:
+    """docs/uncertainty-benchmark.md is what the script writes for docs/uncertainty-benchmark.json, byte for byte."""
+    report = json.loads((DOCS / "uncertainty-benchmark.json").read_text())
+    assert bench.render_markdown(report).encode() == (DOCS / "uncertainty-benchmark.md").read_bytes()
 
 
 @pytest.mark.parametrize("argv, message", [
