@@ -28,6 +28,18 @@ def test_split(quick: bool) -> tuple[torch.Tensor, torch.Tensor] | str:
     return torch.stack([test[i][0] for i in range(n)]), torch.tensor([int(test[i][1]) for i in range(n)])
 
 
+def _agreement_inputs(model_dir: Path, quick: bool) -> tuple[torch.Tensor, torch.Tensor, int, int, int] | str:
+    """What the two-run agreement sections (int8, bf16) measure on: the test images and labels, their count, S and
+    the images per call; or why they cannot run here (no trained model, no test split)."""
+    if not (model_dir / "meta.json").is_file():
+        return f"no trained model at {model_dir}"
+    split = test_split(quick)
+    if isinstance(split, str):
+        return split
+    x, labels = split
+    return x, labels, len(labels), (4 if quick else 32), (32 if quick else 50)
+
+
 def int8_decisions(quick: bool, workdir: Path, progress: bool) -> dict[str, Any]:
     """The shipped model's ONNX graph with int8 MatMuls against the fp32 graph on the mnist5k test split:
     labels, accept/review decisions, gate flags, probabilities (image i with seed i)."""
@@ -35,13 +47,10 @@ def int8_decisions(quick: bool, workdir: Path, progress: bool) -> dict[str, Any]
     from snodevit import load_model
     from snodevit.inference.predictor import predict
 
-    if not (SHIPPED / "meta.json").is_file():
-        return {"skipped": f"no trained model at {SHIPPED}"}
-    split = test_split(quick)
-    if isinstance(split, str):
-        return {"skipped": split}
-    x, labels = split
-    n_images, num_samples, chunk = len(labels), (4 if quick else 32), (32 if quick else 50)
+    inputs = _agreement_inputs(SHIPPED, quick)
+    if isinstance(inputs, str):
+        return {"skipped": inputs}
+    x, labels, n_images, num_samples, chunk = inputs
     model, meta = load_model(SHIPPED)
     path = export_onnx(model.eval(), workdir / "shipped" / "model.onnx", meta=meta)
     backends = {"fp32": OnnxPredictor(path, device="cpu"),
@@ -134,13 +143,10 @@ def precision_section(model_arg: str | None, quick: bool, progress: bool) -> dic
     from snodevit.inference.precision import cpu_has_bf16
 
     model_dir = Path(model_arg) if model_arg is not None else SHIPPED
-    if not (model_dir / "meta.json").is_file():
-        return {"skipped": f"no trained model at {model_dir}"}
-    split = test_split(quick)
-    if isinstance(split, str):
-        return {"skipped": split}
-    x, labels = split
-    n_images, num_samples, chunk = len(labels), (4 if quick else 32), (32 if quick else 50)
+    inputs = _agreement_inputs(model_dir, quick)
+    if isinstance(inputs, str):
+        return {"skipped": inputs}
+    x, labels, n_images, num_samples, chunk = inputs
     preds: dict[str, list[Any]] = {}
     seconds: dict[str, float] = {}
     for precision in ("fp32", "bf16"):
