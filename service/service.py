@@ -44,6 +44,7 @@ from .engine import Engine
 from .errors import ErrorShapeMiddleware, ServiceError, describe_validation_errors
 from .guard import RAW_PREFIX, RequestGuard, RouteRule
 from .metrics import service_metrics
+from .openapi import service_document
 from .schemas import (
     BatchItem,
     ClassifyBatchResponse,
@@ -256,6 +257,12 @@ class SNodeViTService:
     def metadata(self) -> JSONResponse:
         return JSONResponse(self.engine.metadata(UPLOADS).model_dump(mode="json"))
 
+    def openapi_document(self) -> JSONResponse:
+        """``GET /docs.json``: BentoML's document made true to the guard's rules and the served model's bounds."""
+        return JSONResponse(service_document(SNodeViTService.openapi_spec.asdict(), route_rules(self.settings),
+                                             num_classes=self.engine.num_classes, depth=self.engine.loaded.cfg.depth,
+                                             alphas=self.engine.alphas))
+
 
 def _input_fields(api: str) -> frozenset[str]:
     """The parameters (non-file fields) of an API, read from BentoML's input model of its signature."""
@@ -289,6 +296,10 @@ async def _metadata_endpoint(request: Request) -> Response:
     return bentoml.get_current_service().metadata()
 
 
+async def _docs_endpoint(request: Request) -> Response:
+    return bentoml.get_current_service().openapi_document()
+
+
 def _raw_path(api: str) -> str:
     return f"{RAW_PREFIX}/{api}"
 
@@ -318,6 +329,7 @@ class StartedGuard(RequestGuard):
 
 _extra_routes = Starlette(routes=[
     Route("/metadata", _metadata_endpoint, methods=["GET"]),
+    Route("/docs.json", _docs_endpoint, methods=["GET"]),  # before BentoML's own (mounts match first)
     *(Route(_raw_path(api), _raw_endpoint, methods=["POST"]) for api in RAW_APIS),
 ])
 SNodeViTService.mount_asgi_app(_extra_routes, path="/", name="snodevit-extra")
