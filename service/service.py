@@ -10,6 +10,7 @@ Endpoints (all answers JSON unless noted; every error is ``{"error": <code>, "de
 ``POST /explain``           prediction + attention maps per block + rollout (same uploads as /classify)
 ``POST /explain_image``     PNG heatmap of the rollout (or block ``layer``) blended over the input
 ``GET /metadata``           classes, preprocessing, model config, calibration figures, limits
+``GET /ui``                 the web page (``service/ui``: static HTML + vanilla JS over the APIs above)
 ``GET /livez /readyz``      BentoML health probes (ready after the warm-up pass)
 ``GET /metrics``            Prometheus: BentoML's request metrics plus ``snodevit_*`` counters
 ==========================  =============================================================================
@@ -37,7 +38,8 @@ from starlette.applications import Starlette
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from .engine import Engine
@@ -331,6 +333,7 @@ _extra_routes = Starlette(routes=[
     Route("/metadata", _metadata_endpoint, methods=["GET"]),
     Route("/docs.json", _docs_endpoint, methods=["GET"]),  # before BentoML's own (mounts match first)
     *(Route(_raw_path(api), _raw_endpoint, methods=["POST"]) for api in RAW_APIS),
+    Mount("/ui", StaticFiles(directory=Path(__file__).with_name("ui"), html=True), name="ui"),  # /ui -> /ui/
 ])
 SNodeViTService.mount_asgi_app(_extra_routes, path="/", name="snodevit-extra")
 # Added first = outermost: the error shaping sees the guard's refusals and everything behind it.
