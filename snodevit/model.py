@@ -12,7 +12,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -190,13 +190,17 @@ class SNodeViT(nn.Module):
 
     def forward_features(self, images: Tensor, noise: Tensor | None = None, *,
                          generator: torch.Generator | None = None, need_weights: bool = False,
-                         return_aux: bool = False) -> Tensor | tuple[Tensor, ForwardAux]:
+                         return_aux: bool = False,
+                         runner: Callable[..., tuple[Tensor, ForwardAux]] | None = None
+                         ) -> Tensor | tuple[Tensor, ForwardAux]:
         """Tokens after the last block for one sample per image.
 
         Args:
             images: (B, C, H, W) normalised images.
             noise: (B, L, K, N, m) standard normals; None draws it (from ``generator`` if given) when the
                 model is stochastic.
+            runner: runs the blocks in place of :meth:`integrate`, with its signature (training's memory-saving
+                backprop modes, ``snodevit.training.backprop``); None runs ``integrate``.
         """
         self._check_input(images)
         b = images.shape[0]
@@ -210,7 +214,7 @@ class SNodeViT(nn.Module):
         scale = self.diffusion_magnitude(tokens) if noise is not None else None
         if scale is not None:
             noise = noise * scale.view(b, 1, 1, 1, 1).to(noise.dtype)  # (B, L, K, N, m)
-        tokens, aux = self.integrate(tokens, noise, need_weights)
+        tokens, aux = (runner or self.integrate)(tokens, noise, need_weights)
         return (tokens, aux) if return_aux else tokens
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
@@ -223,9 +227,11 @@ class SNodeViT(nn.Module):
         """One stochastic sample of logits per image, (B, classes)."""
         return self.forward_head(self.forward_features(images, noise, generator=generator))
 
-    def forward_train(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Logits of one sample per image and the attention regulariser (already weighted) for the loss."""
-        tokens, aux = self.forward_features(images, generator=generator, return_aux=True)
+    def forward_train(self, images: Tensor, generator: torch.Generator | None = None,
+                      runner: Callable[..., tuple[Tensor, ForwardAux]] | None = None) -> tuple[Tensor, Tensor]:
+        """Logits of one sample per image and the attention regulariser (already weighted) for the loss;
+        ``runner`` as in :meth:`forward_features`."""
+        tokens, aux = self.forward_features(images, generator=generator, return_aux=True, runner=runner)
         return self.forward_head(tokens), self.cfg.ksvd_loss_weight * aux.reg
 
     def sample_logits(self, images: Tensor, num_samples: int | None = None, noise: Tensor | None = None, *,

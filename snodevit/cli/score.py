@@ -21,6 +21,11 @@ Rows are appended to OUT.partial after every batch; --resume continues a killed 
 finished file replaces OUT atomically at the end. With true labels (an image folder or --labels) the run also
 reports accuracy, NLL, ECE and the other calibration figures.
 
+--engine ray scores on Ray Data (snodevit.scoring.ray_engine): --concurrency model actors, each with
+--num-cpus CPUs and --num-gpus GPUs, fed --batch-size images at a time; a local Ray starts unless --address joins
+a cluster. Its rows equal the local engine's (same seeds; numbers within float32 rounding), and --resume, the
+output formats and the figures are the same.
+
 Exit codes: 0 every image scored; 1 some rows carry an error (the output is complete); 2 unusable arguments
 (nothing matched, unknown output extension, output exists without --overwrite/--resume, bad model path, a
 resume with other settings); 130 interrupted (Ctrl-C; continue with --resume).
@@ -29,6 +34,7 @@ resume with other settings); 130 interrupted (Ctrl-C; continue with --resume).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -39,8 +45,9 @@ from snodevit.cli.errors import EXIT_USAGE, CLIError
 from snodevit.data import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from snodevit.inference.backends import LoadedModel, open_model
 from snodevit.inference.params import DEFAULT_NUM_SAMPLES, NumSamples, check_alpha, parse_num_samples
-from snodevit.scoring import (ScoreError, ScoreSettings, ScoreSummary, expand_inputs, plan_output, read_labels_file,
-                              run_header, score_files)
+from snodevit.scoring import (InputListing, OutputPlan, ScoreError, ScoreSettings, ScoreSummary, expand_inputs,
+                              plan_output, read_labels_file, run_header, score_files)
+from snodevit.scoring.ray_engine import ModelSpec, RayOptions, score_on_ray
 
 
 def _num_samples(text: str) -> NumSamples:
@@ -90,12 +97,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"larger files become error rows (default {DEFAULT_MAX_BYTES})")
     p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                    help=f"larger images become error rows (default {DEFAULT_MAX_PIXELS})")
+    _add_engine_flags(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the unfinished run in OUT.partial")
     mode.add_argument("--overwrite", action="store_true", help="replace OUT (and any OUT.partial)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_flag(p)
     p.set_defaults(func=run)
+
+
+def _resources(text: str) -> float:
+    """``--num-cpus`` / ``--num-gpus``: a finite number >= 0 (Ray's resource amounts)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine", "where the images are scored")
+    g.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process (default); ray: Ray Data actors on a local Ray or a cluster")
+    g.add_argument("--address", default=None,
+                   help="(ray) the Ray cluster to join, e.g. auto or ray://head:10001; default: start a local Ray")
+    g.add_argument("--concurrency", type=positive_int, default=2, help="(ray) model actors (default 2)")
+    g.add_argument("--num-cpus", type=_resources, default=1.0,
+                   help="(ray) CPUs per actor, also its torch threads (default 1)")
+    g.add_argument("--num-gpus", type=_resources, default=0.0,
+                   help="(ray) GPUs per actor; fractions share a GPU (default 0)")
 
 
 def _open(args: argparse.Namespace) -> LoadedModel:
@@ -132,6 +164,20 @@ def _human(summary: ScoreSummary) -> str:
     return "\n".join(lines)
 
 
+def _score(args: argparse.Namespace, loaded: LoadedModel, listing: InputListing, plan: OutputPlan,
+           settings: ScoreSettings) -> ScoreSummary:
+    """The run on the chosen engine; both write the same rows into the same partial file and output."""
+    header = run_header(loaded, settings, args.inputs, args.labels)
+    progress = not (args.json or args.no_progress)
+    if args.engine == "local":
+        return score_files(loaded, listing, plan, settings, header=header, progress=progress)
+    options = RayOptions(address=args.address, concurrency=args.concurrency, num_cpus=args.num_cpus,
+                         num_gpus=args.num_gpus)
+    model = ModelSpec(path=os.path.abspath(args.model), backend=args.backend, device=args.device,
+                      precision=loaded.precision)
+    return score_on_ray(model, listing, plan, settings, options, header=header, progress=progress)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         settings = ScoreSettings(num_samples=args.num_samples, seed=args.seed, top_k=args.top_k, alpha=args.alpha,
@@ -150,10 +196,8 @@ def run(args: argparse.Namespace) -> int:
         listing = expand_inputs(args.inputs, loaded.class_names, labels)
         for w in listing.warnings:
             print(f"snodevit score: warning: {w}", file=sys.stderr)
-        header = run_header(loaded, settings, args.inputs, args.labels)
         try:
-            summary = score_files(loaded, listing, plan, settings, header=header,
-                                  progress=not (args.json or args.no_progress))
+            summary = _score(args, loaded, listing, plan, settings)
         except KeyboardInterrupt:
             print(f"snodevit score: stopped; the finished rows are in {plan.partial}: rerun the same command with "
                   "--resume to continue", file=sys.stderr)
@@ -161,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     except ScoreError as err:
         raise CLIError(str(err), EXIT_USAGE) from None
     figures = summary.to_dict()
-    figures.update(model=args.model, model_version=loaded.version, listed=len(listing),
+    figures.update(model=args.model, engine=args.engine, model_version=loaded.version, listed=len(listing),
                    labelled_folders=listing.labelled_folders)
     emit(args, figures, _human(summary))
     return summary.exit_code

@@ -17,6 +17,7 @@ from snodevit.config import ATTENTION_TYPES, POOL_TYPES, SOLVER_TYPES, SNodeViTC
 from snodevit.data.sets import load_dataset
 from snodevit.machine import cpu_name
 from snodevit.model import SNodeViT, count_parameters
+from snodevit.training.backprop import BACKPROP_MODES
 from snodevit.training.train import PRECISIONS, TrainConfig, train_model, use_bf16
 from snodevit.cli._common import add_device_flag, add_json_flag, emit, positive_int, resolve_device
 
@@ -38,6 +39,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay,
                    help="keep an exponential moving average of the weights with this decay (e.g. 0.998) and "
                         "validate and save it instead of the last weights; 0 (default) turns it off")
+    p.add_argument("--backprop", choices=BACKPROP_MODES, default=TrainConfig.backprop,
+                   help="gradients through the blocks: 'standard' keeps every activation, 'checkpoint' recomputes each "
+                        "block in backward, 'reversible' trains with exactly invertible BDIA steps (gamma = +-0.5 per "
+                        "sample and block, 0 at inference) and rebuilds the activations in backward (docs/memory.md)")
     p.add_argument("--keep", choices=["last", "best"], default="last",
                    help="checkpoint to write: the last epoch (default) or the best on the validation split, which is "
                         "the calibration split and biases later calibration")
@@ -131,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     model = SNodeViT(cfg)
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, keep=args.keep,
                      ood_diffusion_weight=args.ood_diffusion_weight, ema_decay=args.ema_decay,
-                     precision=args.precision)
+                     precision=args.precision, backprop=args.backprop)
     meta = {"class_names": bundle.class_names, "preprocessing": prep.to_dict(), "data": bundle.spec,
             "variant": args.variant, "provenance": provenance(args, device)}
     if not args.json:

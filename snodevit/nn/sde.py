@@ -163,12 +163,34 @@ class SDEBlock(nn.Module):
         Returns:
             The tokens at t = 1, (B, N, D), and the block's auxiliary outputs.
         """
-        tp = self.timenet(self.t_grid.to(x.dtype))
+        tp = self.time_params(x.dtype)
         sde = _BlockSDE(self, tp, need_weights)
         stochastic = self.noise_dim > 0 and noise is not None
         for k in range(self.num_steps):
             x = self.solver.step(sde, k, x, noise[:, k] if stochastic else None)
         return x, sde.aux()
+
+    def time_params(self, dtype: torch.dtype) -> TimeParams:
+        """The TimeNet's parameters at every point of the block's time grid, (K + 1, ...)."""
+        return self.timenet(self.t_grid.to(dtype))
+
+    def increment(self, x: Tensor, xi: Tensor | None, k: int, tp: TimeParams) -> tuple[Tensor, Tensor | None]:
+        """One solver step's increment h_k(x) = X_{k+1} - X_k from x at t_k, and its attention regulariser.
+
+        What BDIA (:mod:`snodevit.nn.reversible`) combines with the states before; ``forward`` takes the steps.
+
+        Args:
+            x: (B, N, D) tokens at t_k.
+            xi: (B, N, m) standard normals of step k, or None (the ODE; also for a block without diffusion).
+            k: the step's index on the block's time grid.
+            tp: :meth:`time_params` of this forward pass.
+
+        Returns:
+            h (B, N, D) and the regulariser summed over the step's drift evaluations (None when there is none).
+        """
+        sde = _BlockSDE(self, tp, False)
+        h = self.solver.increment(sde, k, x, xi if self.noise_dim > 0 else None)
+        return h, sde.reg_sum
 
     def extra_repr(self) -> str:
         return f"solver={self.solver}, num_steps={self.num_steps}, noise_dim={self.noise_dim}"

@@ -91,6 +91,14 @@ class Solver:
         """
         raise NotImplementedError
 
+    def increment(self, sde: SDEFunctions, k: int, x: Tensor, xi: Tensor | None) -> Tensor:
+        """The step's increment h_k(x) = X_{k+1} - X_k as one term, for integrators that combine it with other
+        states (BDIA, :mod:`snodevit.nn.reversible`); ``step`` keeps its own order of additions.
+
+        Args and shapes as :meth:`step`.
+        """
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.name!r}, {self.sde_type}, strong order {self.strong_order:g}, "
                 f"noise {self.noise_type!r})")
@@ -124,6 +132,12 @@ class Euler(Solver):
     def step(self, sde: SDEFunctions, k: int, x: Tensor, xi: Tensor | None) -> Tensor:
         return euler_maruyama(sde, k, x, xi)[0]
 
+    def increment(self, sde: SDEFunctions, k: int, x: Tensor, xi: Tensor | None) -> Tensor:
+        """f(x, t_k) dt (+ G(x, t_k) dW)."""
+        _, f, g, _ = euler_maruyama(sde, k, x, xi)
+        h = f * sde.dt
+        return h if g is None else h + g
+
 
 class Heun(Solver):
     """Stratonovich Heun: the Euler-Maruyama predictor, then a trapezoidal corrector for drift and diffusion."""
@@ -142,6 +156,16 @@ class Heun(Solver):
         if g0 is not None and xi is not None:  # g0 exists only with noise
             x_next = x_next + 0.5 * (g0 + sde.diffusion(pred_prepared, k + 1, xi))
         return x_next
+
+    def increment(self, sde: SDEFunctions, k: int, x: Tensor, xi: Tensor | None) -> Tensor:
+        """(f(x) + f(x_pred)) dt / 2 (+ (G(x) + G(x_pred)) dW / 2): a deterministic function of x and the noise,
+        so BDIA inverts it exactly like an Euler step."""
+        x_pred, f0, g0, _ = euler_maruyama(sde, k, x, xi)
+        pred_prepared = sde.prepare(x_pred)
+        h = (f0 + sde.drift(x_pred, pred_prepared, k + 1)) * (0.5 * sde.dt)
+        if g0 is not None and xi is not None:
+            h = h + 0.5 * (g0 + sde.diffusion(pred_prepared, k + 1, xi))
+        return h
 
 
 #: The solvers by name: the registry ``SNodeViTConfig.solver`` selects from.

@@ -75,8 +75,8 @@ def run_header(loaded: LoadedModel, settings: ScoreSettings, inputs: Sequence[st
             "labels_file": None if labels_file is None else os.path.abspath(labels_file)}
 
 
-def _pending(listing: InputListing, done: set[str]) -> np.ndarray:
-    """(M,) int64 indices of the listing's images not yet in the partial file, in listing order."""
+def pending_indices(listing: InputListing, done: set[str]) -> np.ndarray:
+    """(M,) int64 indices of the listing's images not yet in the partial file, in listing order (both engines)."""
     if not done:
         return np.arange(len(listing), dtype=np.int64)
     return np.fromiter((i for i, p in enumerate(listing.paths) if os.path.abspath(p) not in done), dtype=np.int64)
@@ -92,9 +92,11 @@ def _loader(listing: InputListing, pending: np.ndarray, prep: Preprocessing,
                       prefetch_factor=2 if workers else None)
 
 
-def _batch_rows(loaded: LoadedModel, listing: InputListing, pending: np.ndarray, batch: Batch,
+def batch_rows(loaded: LoadedModel, listing: InputListing, pending: np.ndarray, batch: Batch,
                 settings: ScoreSettings) -> list[dict[str, Any]]:
     """The rows of one batch, in order: the answers of the images that decoded, the errors of the others.
+
+    Both engines build their rows here: the local loop below and the Ray actors (``snodevit.scoring.ray_engine``).
 
     A labelled row also carries its probability vector (``PROBS_KEY``) for the run's calibration metrics.
     """
@@ -146,7 +148,7 @@ def score_files(loaded: LoadedModel, listing: InputListing, plan: OutputPlan, se
         KeyboardInterrupt: passed through; the partial file keeps every finished batch for ``--resume``.
     """
     with PartialFile(plan.partial, header, plan.resume) as partial:
-        pending = _pending(listing, partial.done)
+        pending = pending_indices(listing, partial.done)
         rows_before = partial.rows_before
         partial.done.clear()  # not needed any more
         loader = _loader(listing, pending, loaded.preprocessing, settings)
@@ -156,7 +158,7 @@ def score_files(loaded: LoadedModel, listing: InputListing, plan: OutputPlan, se
         new_rows = 0
         try:
             for n_batch, batch in enumerate(loader, start=1):
-                rows = _batch_rows(loaded, listing, pending, batch, settings)
+                rows = batch_rows(loaded, listing, pending, batch, settings)
                 partial.append(rows)
                 partial.flush()
                 new_rows += len(rows)
@@ -167,6 +169,11 @@ def score_files(loaded: LoadedModel, listing: InputListing, plan: OutputPlan, se
             bar.close()
         elapsed = time.perf_counter() - start
         summary = finalise(plan, listing.class_names)
+    return with_session(summary, rows_before, new_rows, elapsed)
+
+
+def with_session(summary: ScoreSummary, rows_before: int, new_rows: int, elapsed: float) -> ScoreSummary:
+    """``summary`` with this session's figures: rows from earlier sessions, new rows, wall time and rate."""
     summary.resumed_rows = rows_before
     summary.new_rows = new_rows
     summary.elapsed_s = elapsed

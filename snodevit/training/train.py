@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from snodevit.checkpoint import save_model
 from snodevit.inference.precision import PRECISIONS, cpu_has_bf16
 from snodevit.model import SNodeViT
+from snodevit.training.backprop import Runner, check_backprop, make_runner
 from snodevit.training.perturb import OOD_NOISE_SCALES, ood_perturb, shuffle_cells
 
 # PRECISIONS, cpu_has_bf16, OOD_NOISE_SCALES and shuffle_cells are imported from here by the CLI, tests and benchmarks
@@ -83,6 +84,7 @@ class TrainConfig:
     ood_shuffle_grid: int = 0  # SDE-Net: also perturb by shuffling a g x g grid of image cells (one more chunk); 0 = off
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" (autocast on CPU too) or "fp32"
     ema_decay: float = 0.0  # decay of an exponential moving average of the weights, validated and saved instead; 0 = off
+    backprop: str = "standard"  # gradients through the blocks: "standard", "checkpoint" (per block) or "reversible" (BDIA)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -101,6 +103,7 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        check_backprop(self.backprop)
 
 
 @dataclass
@@ -173,6 +176,7 @@ class _Loop:
     noise_gen: torch.Generator  # the Brownian increments of training (and the SDE-Net perturbations)
     ema: AveragedModel | None  # the averaged copy that is validated and saved, when tc.ema_decay > 0
     bar: tqdm
+    runner: Runner | None = None  # runs the blocks for tc.backprop (None: the model's own integrate)
 
 
 def _build_loop(model: SNodeViT, train_set: Dataset, tc: TrainConfig, device: torch.device, progress: bool) -> _Loop:
@@ -198,7 +202,8 @@ def _build_loop(model: SNodeViT, train_set: Dataset, tc: TrainConfig, device: to
     # the averaged copy is validated and saved; buffers (batch-norm statistics of the stem) follow the live model
     ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(tc.ema_decay)) if tc.ema_decay > 0 else None
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    return _Loop(model, tc, device, bf16, loader, opt, sched, noise_gen, ema, bar)
+    runner = make_runner(model, tc.backprop, noise_gen)
+    return _Loop(model, tc, device, bf16, loader, opt, sched, noise_gen, ema, bar, runner)
 
 
 def _batch_loss(loop: _Loop, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -210,7 +215,7 @@ def _batch_loss(loop: _Loop, images: Tensor, labels: Tensor) -> tuple[Tensor, Te
     """
     tc = loop.tc
     with torch.autocast(device_type=loop.device.type, dtype=torch.bfloat16, enabled=loop.bf16):
-        logits, reg = loop.model.forward_train(images, generator=loop.noise_gen)
+        logits, reg = loop.model.forward_train(images, generator=loop.noise_gen, runner=loop.runner)
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=tc.label_smoothing)
         loss = ce + reg
         bce = torch.zeros((), device=loop.device)
