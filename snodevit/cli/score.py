@@ -28,7 +28,9 @@ output formats and the figures are the same.
 
 Exit codes: 0 every image scored; 1 some rows carry an error (the output is complete); 2 unusable arguments
 (nothing matched, unknown output extension, output exists without --overwrite/--resume, bad model path, a
-resume with other settings); 130 interrupted (Ctrl-C; continue with --resume).
+resume with other settings); 74 the output could not be written (a full disk, a read-only folder: OUT is absent,
+the finished rows stay in OUT.partial; rerun with --resume once there is room); 130 interrupted (Ctrl-C; continue
+with --resume).
 """
 
 from __future__ import annotations
@@ -203,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
                   "--resume to continue", file=sys.stderr)
             raise
     except ScoreError as err:
-        raise CLIError(str(err), EXIT_USAGE) from None
+        raise CLIError(str(err), getattr(err, "code", EXIT_USAGE)) from None
     figures = summary.to_dict()
     figures.update(model=args.model, engine=args.engine, model_version=loaded.version, listed=len(listing),
                    labelled_folders=listing.labelled_folders)

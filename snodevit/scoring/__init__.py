@@ -21,7 +21,7 @@ set of finished paths on resume, and for labelled images their probability vecto
 float32), which the calibration metrics need at the end.
 """
 
-from snodevit.scoring.errors import ScoreError
+from snodevit.scoring.errors import ScoreError, ScoreWriteError
 from snodevit.scoring.files import ImageFiles
 from snodevit.scoring.inputs import InputListing, PathTable, expand_inputs, read_labels_file
 from snodevit.scoring.output import ScoreSummary, finalise
@@ -31,6 +31,6 @@ from snodevit.scoring.run import ScoreSettings, run_header, score_files
 
 __all__ = [
     "OUTPUT_FORMATS", "PARTIAL_SUFFIX", "ROW_FIELDS", "ImageFiles", "InputListing", "OutputFormat", "OutputPlan",
-    "PartialFile", "PathTable", "ScoreError", "ScoreSettings", "ScoreSummary", "error_row", "expand_inputs",
+    "PartialFile", "PathTable", "ScoreError", "ScoreSettings", "ScoreWriteError", "ScoreSummary", "error_row", "expand_inputs",
     "finalise", "plan_output", "read_labels_file", "record_row", "run_header", "score_files",
 ]

@@ -21,6 +21,7 @@ import torch
 
 from calibration import accuracy, calibration_summary, conformal_coverage
 from calibration.files import atomic_path
+from snodevit.scoring.errors import write_error
 from snodevit.scoring.partial import OutputFormat, OutputPlan
 from snodevit.scoring.rows import PROBS_KEY, ROW_FIELDS
 
@@ -239,19 +240,24 @@ def finalise(plan: OutputPlan, class_names: Sequence[str]) -> ScoreSummary:
 
     Raises:
         ValueError: the partial file holds a row that is not JSON.
+        ScoreWriteError: OUT could not be written (a full disk, a read-only folder); the temporary file is removed
+            and ``plan.partial`` kept whole, so ``--resume`` finishes the job once there is room.
     """
     with open(plan.partial, "rb") as f:
         settings = json.loads(f.readline())["settings"]
     tally = _Tally(class_names)
-    with atomic_path(plan.out, make_parents=False) as tmp:
-        writer = _Writer(tmp, plan.fmt)
-        try:
-            for row in _partial_rows(plan.partial):
-                tally.add(row)
-                writer.write(row)
-        except BaseException:
-            writer.abandon()
-            raise
-        writer.close()
+    try:
+        with atomic_path(plan.out, make_parents=False) as tmp:
+            writer = _Writer(tmp, plan.fmt)
+            try:
+                for row in _partial_rows(plan.partial):
+                    tally.add(row)
+                    writer.write(row)
+            except BaseException:
+                writer.abandon()
+                raise
+            writer.close()
+    except OSError as err:
+        raise write_error(err, plan.out, plan.partial) from None
     plan.partial.unlink()
     return tally.summary(plan, settings)

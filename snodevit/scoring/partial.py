@@ -5,6 +5,10 @@ backend, samples, seed, top-k, alpha, image caps, inputs), then one row per line
 complete lines plus at most one torn last line; resuming truncates the torn line, reads the set of finished paths
 back and scores only the rest, so no row is lost or written twice. The header must match the resumed command,
 otherwise resuming is refused. The partial file is locked (``flock``) while a run writes it.
+
+A write that fails (a full disk, a read-only folder) raises :class:`ScoreWriteError` naming the file and the
+system's reason: a new partial file that could not even take its header is removed, an older one keeps its complete
+rows (a torn last line is dropped on resume), so ``--resume`` continues once there is room.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from snodevit.scoring.errors import ScoreError
+from snodevit.scoring.errors import ScoreError, ScoreWriteError, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +94,12 @@ class PartialFile:
         self.header = header
         self.done: set[str] = set()
         self.rows_before = 0
-        self._f: IO[bytes] = open(path, "a+b")  # noqa: SIM115 - closed in close()
+        self._failed = False  # a write failed: closing must not raise the same error again
+        created = not path.exists()
+        try:
+            self._f: IO[bytes] = open(path, "a+b")  # noqa: SIM115 - closed in close()
+        except OSError as err:
+            raise write_error(err, path, None) from None
         try:
             fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -101,8 +110,18 @@ class PartialFile:
                 return
             self._f.seek(0)
             self._f.truncate()
-            self._write_line({"snodevit_score_partial": _PARTIAL_VERSION, "cwd": os.getcwd(), "settings": header})
-            self.flush()
+            try:
+                self._write_line({"snodevit_score_partial": _PARTIAL_VERSION, "cwd": os.getcwd(),
+                                  "settings": header})
+                self._f.flush()
+            except OSError as err:
+                self._failed = True
+                raise write_error(err, path, None) from None
+        except ScoreWriteError:
+            self.close()
+            if created:
+                path.unlink(missing_ok=True)
+            raise
         except BaseException:
             self.close()
             raise
@@ -159,16 +178,39 @@ class PartialFile:
 
         :meth:`flush` then hands them to the OS: they survive a killed process, though not a power cut.
         """
-        self._f.write(b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in rows))
+        try:
+            self._f.write(b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in rows))
+        except OSError as err:
+            self._failed = True
+            raise write_error(err, self.path, self.path) from None
 
     def flush(self) -> None:
-        self._f.flush()
+        """Hand the buffered rows to the OS.
+
+        Raises:
+            ScoreWriteError: the disk is full or the file system refuses the write.
+        """
+        try:
+            self._f.flush()
+        except OSError as err:
+            self._failed = True
+            raise write_error(err, self.path, self.path) from None
 
     def close(self) -> None:
-        if not self._f.closed:
+        if self._f.closed:
+            return
+        try:
             self._f.flush()
+        except OSError:
+            if not self._failed:
+                raise
+        finally:
             fcntl.flock(self._f.fileno(), fcntl.LOCK_UN)
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:  # the buffered rows that failed, tried once more: the first error is the one reported
+                if not self._failed:
+                    raise
 
     def __enter__(self) -> PartialFile:
         return self
