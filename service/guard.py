@@ -3,7 +3,9 @@
 BentoML 1.4 has no request-size limit, turns a malformed multipart body into a 500, and fetches a URL when a
 file field arrives as text. :class:`RequestGuard`, an ASGI middleware, sits in front of the API routes and
 
-1. refuses more than ``max_concurrency`` requests in progress (429, ``Retry-After: 1``);
+1. refuses what the worker's state refuses (``service.lifecycle``: 503 while the model is broken or the worker
+   drains, ``/readyz`` included, with the reason), and more requests in progress than the admission limit sized
+   from the measured throughput (429 with ``Retry-After``: the seconds the requests ahead take at that rate);
 2. caps the body: ``Content-Length`` above the route's limit is refused before reading (413), a body without
    one is counted while it streams in (413 as soon as it passes the limit); the body is buffered and replayed;
 3. sends raw image bodies (``Content-Type: image/*`` or ``application/octet-stream``) of ``POST /classify``,
@@ -21,6 +23,7 @@ Every refusal is the common ``{"error", "detail"}`` body.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Mapping
@@ -33,10 +36,12 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ServiceError, describe_validation_errors
+from .lifecycle import Lifecycle
 
 logger = logging.getLogger(__name__)
 
 RAW_PREFIX = "/raw"
+READY_PATH = "/readyz"  # BentoML's readiness probe: answered here, with the reason, whenever the worker is not ready
 RAW_MEDIA_TYPES = ("image/", "application/octet-stream")
 MAX_FIELD_BYTES = 1024  # a non-file form field holds a number; anything longer is refused
 MAX_FILENAME_CHARS = 200  # BentoML puts the upload's file name into a temporary file name
@@ -193,10 +198,12 @@ class RequestGuard:
         max_concurrency: requests in progress on guarded routes before new ones get 429.
         max_buffered_bytes: request bodies held at once (all requests together) before new ones get 429.
         guarded_paths: further paths counted against ``max_concurrency`` (e.g. ``/metadata``), with a 64 KiB cap.
+        lifecycle: the worker's state (``service.lifecycle``); None: always ready, admitting ``max_concurrency``.
     """
 
     def __init__(self, app: ASGIApp, rules: Mapping[str, RouteRule], max_concurrency: int,
-                 max_buffered_bytes: int = 256 * 2**20, guarded_paths: tuple[str, ...] = ()) -> None:
+                 max_buffered_bytes: int = 256 * 2**20, guarded_paths: tuple[str, ...] = (),
+                 lifecycle: Lifecycle | None = None) -> None:
         self.app = app
         self.rules = dict(rules)
         self.raw_rules = {r.raw_path: r for r in self.rules.values() if r.raw_path}
@@ -205,16 +212,40 @@ class RequestGuard:
         self.max_buffered_bytes = max_buffered_bytes
         self.in_flight = 0
         self.buffered = 0  # bytes of request bodies held by requests in progress
+        self.lifecycle = lifecycle
+        self._admitted: set[asyncio.Task[None]] = set()  # requests handed to the app, not answered yet
+        self._expired = False  # the drain deadline passed: what is still running is answered 503
+        if lifecycle is not None:
+            lifecycle.guard = self
+
+    def _refusal(self) -> ServiceError | None:
+        """The 503 of the worker's state, else a 429 when the requests in progress fill the admission limit."""
+        refusal = self.lifecycle.refusal() if self.lifecycle is not None else None
+        if refusal is not None or self._expired:
+            return refusal or ServiceError(503, "shutting_down", "the server is shutting down; retry shortly")
+        admission = self.lifecycle.admission if self.lifecycle is not None else None
+        limit = self.max_concurrency if admission is None else min(self.max_concurrency, admission.max_in_flight)
+        if self.in_flight < limit:
+            return None
+        retry = 1 if admission is None else admission.retry_after_s(self.in_flight)
+        sized = "" if admission is None else (f" (about {admission.max_queue_wait_s:g} s of work at the "
+                                              f"{admission.images_per_s:.1f} images/s measured at start)")
+        return ServiceError(429, "overloaded", f"the service is answering {self.in_flight} requests, the most it "
+                            f"admits at once{sized}; retry after {retry} s", headers={"Retry-After": str(retry)})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
+        if scope["type"] == "http" and path == READY_PATH and self.lifecycle is not None:
+            refusal = self.lifecycle.refusal()
+            if refusal is not None:  # the reason, instead of BentoML's "__is_ready__() returns False"
+                await self._refuse(scope, receive, send, refusal)
+                return
         if scope["type"] != "http" or not (path in self.rules or path in self.raw_rules or path in self.other):
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.max_concurrency:
-            await self._refuse(scope, receive, send, ServiceError(
-                429, "overloaded", f"the service is answering {self.in_flight} requests, the most it takes at once; "
-                "retry shortly", headers={"Retry-After": "1"}))
+        refusal = self._refusal()
+        if refusal is not None:
+            await self._refuse(scope, receive, send, refusal)
             return
         self.in_flight += 1
         try:
@@ -240,7 +271,9 @@ class RequestGuard:
             self.buffered -= held[0]
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        """Hand the request to the app (as a task the drain can stop at its deadline: then a 503 answers it)."""
         replayed = False
+        started = False
 
         async def replay() -> Message:
             nonlocal replayed
@@ -249,7 +282,50 @@ class RequestGuard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        if self._expired:
+            await self._refuse(scope, receive, send, ServiceError(503, "shutting_down", "the server is shutting "
+                               "down; retry shortly", headers={"Retry-After": "1"}))
+            return
+        task = asyncio.ensure_future(self.app(scope, replay, tracked_send))
+        self._admitted.add(task)
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not self._expired or started or (current is not None and current.cancelling()):
+                raise
+            await self._refuse(scope, receive, send, ServiceError(
+                503, "shutting_down", "the server is shutting down and this request did not finish within "
+                "SNODEVIT_DRAIN_S; retry it", headers={"Retry-After": "1"}))
+        finally:
+            self._admitted.discard(task)
+
+    async def drain(self, timeout_s: float, linger_s: float) -> int:
+        """Wait up to ``timeout_s`` for the requests in progress; answer those still running 503; keep refusing new
+        ones for ``linger_s`` more. The lifecycle refuses new requests meanwhile.
+
+        Returns:
+            How many requests were cut (answered 503) at the deadline.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        cut = len(self._admitted)
+        if self.in_flight:
+            self._expired = True
+            for task in list(self._admitted):
+                task.cancel()
+            settle = loop.time() + 5.0
+            while self.in_flight and loop.time() < settle:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(linger_s)
+        return cut
 
     def _hold(self, held: list[int], size: int) -> None:
         """Count ``size`` more buffered bytes for this request, refusing it when the budget is spent."""

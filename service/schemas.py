@@ -290,6 +290,20 @@ class Limits(BaseModel):
     timeout_s: float
 
 
+class AdmissionInfo(BaseModel):
+    """How many requests the server admits at once (sized from throughput measured at start), and its drain."""
+
+    max_in_flight: int = Field(description="requests in progress before new ones get 429 with Retry-After: "
+                               "floor(measured_images_per_s * max_queue_wait_s), within [1, max_concurrency]")
+    measured_images_per_s: float = Field(description="images/s of a full forward pass at num_samples, measured "
+                                         "when the worker started")
+    num_samples: int = Field(description="the S the throughput was measured at (the default)")
+    max_queue_wait_s: float = Field(description="SNODEVIT_MAX_QUEUE_WAIT_S: the queue wait the limit is sized for")
+    max_concurrency: int = Field(description="SNODEVIT_MAX_CONCURRENCY: the hard cap, whatever the throughput")
+    drain_s: float = Field(description="SNODEVIT_DRAIN_S: after SIGTERM, how long admitted requests get to finish "
+                           "(new ones get 503 shutting_down at once)")
+
+
 class MetadataResponse(BaseModel):
     model: ModelInfo
     classes: list[str]
@@ -298,6 +312,8 @@ class MetadataResponse(BaseModel):
     calibration: CalibrationInfo
     limits: Limits
     uploads: dict[str, str] = Field(description="how each endpoint takes its image")
+    admission: AdmissionInfo | None = Field(default=None, description="the admission limit and the drain "
+                                            "(service.lifecycle)")
 
 
 class ErrorResponse(BaseModel):

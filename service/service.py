@@ -11,7 +11,8 @@ Endpoints (all answers JSON unless noted; every error is ``{"error": <code>, "de
 ``POST /explain_image``     PNG heatmap of the rollout (or block ``layer``) blended over the input
 ``GET /metadata``           classes, preprocessing, model config, calibration figures, limits
 ``GET /ui``                 the web page (``service/ui``: static HTML + vanilla JS over the APIs above)
-``GET /livez /readyz``      BentoML health probes (ready after the warm-up pass)
+``GET /livez /readyz``      BentoML health probes (ready after the warm-up pass; ``/readyz`` answers 503 with the
+                            reason while the model is broken or the worker drains, ``service.lifecycle``)
 ``GET /metrics``            Prometheus: BentoML's request metrics plus ``snodevit_*`` counters
 ==========================  =============================================================================
 
@@ -45,6 +46,8 @@ from starlette.types import ASGIApp
 from .engine import Engine
 from .errors import ErrorShapeMiddleware, ServiceError, describe_validation_errors
 from .guard import RAW_PREFIX, RequestGuard, RouteRule
+from .lifecycle import (Lifecycle, admission_info, install_sigterm_drain, measure_throughput, open_engine,
+                        size_admission)
 from .metrics import service_metrics
 from .openapi import service_document
 from .schemas import (
@@ -76,6 +79,8 @@ PngImage = t.Annotated[Path, bentoml.validators.ContentType("image/png")]
 # the same reason, instead of traffic["max_concurrency"].
 _TRAFFIC = {"timeout": DECLARED.timeout_s + 30}
 _RESOURCES = {"gpu": 1} if torch.cuda.is_available() else {}
+#: This worker's state (starting, ready, broken, draining), set by the service instance, read by the request guard.
+LIFECYCLE = Lifecycle()
 #: The APIs that also take a raw image body (``Content-Type: image/*``): the guard routes it to ``/raw/<api>``.
 RAW_APIS = ("classify", "explain", "explain_image")
 
@@ -146,31 +151,41 @@ class SNodeViTService:
 
     # at class scope: `bentoml build` packs the model it names into the Bento
     model_ref = bentoml.models.BentoModel(DECLARED.model)
+    engine: Engine | None = None  # None when the model cannot be served (LIFECYCLE says why)
 
     def __init__(self) -> None:
-        self._ready = False
+        LIFECYCLE.start()
         t0 = time.perf_counter()
-        self.settings = started_settings()
+        self.settings = s = started_settings()
         # One process, one model: its intra-op threads are set here. On a CPU shared with other work, fewer
         # threads than cores can be faster (a parallel region waits for every thread to be scheduled).
-        torch.set_num_threads(self.settings.threads)
+        torch.set_num_threads(s.threads)
         pinned = _bento_model_tag()
         stored = bentoml.models.get(pinned) if pinned else self.model_ref
+        install_sigterm_drain(LIFECYCLE, s.drain_s)  # in a server worker; a no-op in a test process
         # loaded on the inference thread, so that no other thread ever runs the model's torch operators
-        self.engine = Engine.open(stored.path, self.settings, name=stored.tag.name, tag=str(stored.tag),
-                                  metrics=service_metrics())
-        loaded = self.engine.loaded
-        warm = self.engine.warm_up()
-        self._ready = True
-        logger.info("serving %s (%s, weights %s) on %s; loaded and warmed up in %.2f s (warm-up %.2f s)", stored.tag,
-                    loaded.backend_name, loaded.version, loaded.device, time.perf_counter() - t0, warm)
+        engine = open_engine(stored, s, LIFECYCLE, metrics=service_metrics())
+        if engine is None:
+            return
+        self.engine = engine
+        loaded = engine.loaded
+        warm = engine.warm_up()
+        rate = measure_throughput(engine, images=min(s.max_batch_size, max(1, s.max_batch_rows // s.num_samples)),
+                                  num_samples=s.num_samples)
+        admission = size_admission(rate, num_samples=s.num_samples, max_queue_wait_s=s.max_queue_wait_s,
+                                   max_concurrency=s.max_concurrency)
+        LIFECYCLE.serve(admission)
+        logger.info("serving %s (%s, weights %s) on %s; loaded and warmed up in %.2f s (warm-up %.2f s); admitting "
+                    "%d requests at once (%.1f images/s at S=%d)", stored.tag, loaded.backend_name, loaded.version,
+                    loaded.device, time.perf_counter() - t0, warm, admission.max_in_flight, rate, s.num_samples)
 
     def __is_ready__(self) -> bool:
-        return self._ready
+        return LIFECYCLE.ready
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
 
     # ------------------------------------------------------------------------------------------ APIs
     @bentoml.api
@@ -256,11 +271,17 @@ class SNodeViTService:
             return err.response()
         return JSONResponse(out.model_dump(mode="json"))
 
-    def metadata(self) -> JSONResponse:
-        return JSONResponse(self.engine.metadata(UPLOADS).model_dump(mode="json"))
+    def metadata(self) -> Response:
+        if self.engine is None or LIFECYCLE.admission is None:
+            return (LIFECYCLE.refusal() or ServiceError(503, "unavailable", "not ready")).response()
+        answer = self.engine.metadata(UPLOADS)
+        answer.admission = admission_info(LIFECYCLE.admission, self.settings)
+        return JSONResponse(answer.model_dump(mode="json"))
 
     def openapi_document(self) -> JSONResponse:
         """``GET /docs.json``: BentoML's document made true to the guard's rules and the served model's bounds."""
+        if self.engine is None:
+            return (LIFECYCLE.refusal() or ServiceError(503, "unavailable", "not ready")).response()
         return JSONResponse(service_document(SNodeViTService.openapi_spec.asdict(), route_rules(self.settings),
                                              num_classes=self.engine.num_classes, depth=self.engine.loaded.cfg.depth,
                                              alphas=self.engine.alphas))
@@ -326,7 +347,8 @@ class StartedGuard(RequestGuard):
     def __init__(self, app: ASGIApp) -> None:
         settings = started_settings()
         super().__init__(app, rules=route_rules(settings), max_concurrency=settings.max_concurrency,
-                         max_buffered_bytes=settings.max_buffered_bytes, guarded_paths=("/metadata",))
+                         max_buffered_bytes=settings.max_buffered_bytes, guarded_paths=("/metadata",),
+                         lifecycle=LIFECYCLE)
 
 
 _extra_routes = Starlette(routes=[

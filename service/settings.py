@@ -59,6 +59,8 @@ class ServiceSettings:
     max_concurrency: int = 64  # requests in progress before new ones are refused with 429
     max_buffered_bytes: int = 256 * 2**20  # request bodies held in memory at once, all requests together (429 beyond)
     timeout_s: float = 60.0  # a request still waiting for its answer after this long gets 504
+    max_queue_wait_s: float = 1.0  # admission: requests admitted at once = measured images/s * this (429 beyond)
+    drain_s: float = 25.0  # on SIGTERM: how long admitted requests get to finish (503 after); < Kubernetes' 30 s
     threads: int = field(default_factory=_torch_threads)  # torch intra-op threads of the served model
 
     def __post_init__(self) -> None:

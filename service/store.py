@@ -36,7 +36,7 @@ from bentoml.exceptions import BentoMLException, NotFound
 from export.metadata import read_onnx_metadata
 from export.runtime import ONNX
 from snodevit.checkpoint import CONFIG_FILE, META_FILE, WEIGHTS_FILE, CheckpointError, load_model, weights_hash
-from snodevit.inference.backends import TORCH
+from snodevit.inference.backends import TORCH, LoadedModel
 from snodevit.inference.fitted import Calibration
 
 logger = logging.getLogger(__name__)
@@ -247,3 +247,35 @@ def resolve(tag_or_path: str | os.PathLike[str]) -> Path:
 def stored_metadata(tag: str) -> dict[str, Any]:
     """The metadata of a stored model (see :func:`headline_metadata`), JSON round-tripped to plain types."""
     return json.loads(json.dumps(bentoml.models.get(tag).info.metadata, default=str))
+
+
+def check_served(loaded: LoadedModel, registered: Mapping[str, Any], *, name: str,
+                 weights_sha256: str | None) -> None:
+    """The model as opened is the one its store entry was registered as: same weights, calibration still there.
+
+    Opening already refuses missing files and weights that do not parse (a truncated safetensors file); this
+    catches what still loads: weights changed or damaged after registration (the hash the entry recorded, and the
+    one meta.json names), and a calibration that went missing from meta.json (the service would otherwise answer
+    with uncalibrated confidences and no prediction sets, and say nothing).
+
+    Args:
+        loaded: the opened model.
+        registered: the entry's metadata (:func:`headline_metadata`, written by :func:`register_model`).
+        name: the model's tag or path, for the message.
+        weights_sha256: ``snodevit.checkpoint.weights_hash`` of the weights as loaded (torch); None for an ONNX
+            graph, checked through the hash its metadata carries (``loaded.weights_sha256``).
+
+    Raises:
+        CheckpointError: naming what differs and what to do.
+    """
+    have = weights_sha256 or loaded.weights_sha256
+    claims = {"the store entry": registered.get("weights_sha256"),
+              META_FILE: loaded.meta.get("weights_sha256") if weights_sha256 else None}
+    for where, want in claims.items():
+        if want and want != have:
+            raise CheckpointError(f"{name}: the weights hash to {have[:12]} but {where} records {str(want)[:12]}: "
+                                  "the stored files were changed or damaged after registration; register the "
+                                  "model again")
+    if registered.get("calibrated") and not loaded.calibration.is_fitted:
+        raise CheckpointError(f"{name}: registered with a calibration, but its {META_FILE} holds none (removed or "
+                              "overwritten); run `snodevit calibrate` on the model and register it again")
