@@ -17,6 +17,7 @@ from snodevit.config import ATTENTION_TYPES, POOL_TYPES, SOLVER_TYPES, SNodeViTC
 from snodevit.data.sets import load_dataset
 from snodevit.machine import cpu_name
 from snodevit.model import SNodeViT, count_parameters
+from snodevit.training import distributed
 from snodevit.training.backprop import BACKPROP_MODES
 from snodevit.training.train import PRECISIONS, TrainConfig, train_model, use_bf16
 from snodevit.cli._common import add_device_flag, add_json_flag, emit, positive_int, resolve_device
@@ -106,8 +107,10 @@ def model_config(args: argparse.Namespace, image_size: int, channels: int, num_c
 _NOT_RECIPE = frozenset({"command", "func", "verbose", "json", "no_progress"})
 
 
-def provenance(args: argparse.Namespace, device: torch.device | str) -> dict[str, str]:
-    """How a checkpoint was made: the full `snodevit train` command (defaults spelled out), where and when."""
+def provenance(args: argparse.Namespace, device: torch.device | str,
+               job: distributed.Distributed | None = None) -> dict[str, str | int]:
+    """How a checkpoint was made: the full `snodevit train` command (defaults spelled out), where and when; under
+    torchrun also the launcher and the world size (the command's --batch-size is the global batch)."""
     parts = ["snodevit", "train"]
     for name, value in vars(args).items():
         if name in _NOT_RECIPE or value is None or value is False:
@@ -115,8 +118,12 @@ def provenance(args: argparse.Namespace, device: torch.device | str) -> dict[str
         parts.append(f"--{name.replace('_', '-')}")
         if value is not True:  # a switch is its flag alone
             parts.append(str(value))
-    return {"command": shlex.join(parts), "device": str(device), "cpu": cpu_name(), "torch": torch.__version__,
-            "snodevit": _version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    made: dict[str, str | int] = {"command": shlex.join(parts), "device": str(device), "cpu": cpu_name(),
+                                  "torch": torch.__version__, "snodevit": _version(),
+                                  "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    if job is not None:
+        made.update(launcher="torchrun", world_size=job.world_size)
+    return made
 
 
 def _version() -> str:
@@ -127,7 +134,10 @@ def _version() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    job = distributed.from_env()  # torchrun: DDP, with rank 0 alone printing and saving
     device = resolve_device(args.device)
+    if job is not None:
+        device = distributed.start(job, device)
     augment = "light_flip" if args.data.startswith("cifar10") else "light"
     bundle = load_dataset(args.data, image_size=args.image_size, augment=augment)
     prep = bundle.preprocessing
@@ -138,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
                      ood_diffusion_weight=args.ood_diffusion_weight, ema_decay=args.ema_decay,
                      precision=args.precision, backprop=args.backprop)
     meta = {"class_names": bundle.class_names, "preprocessing": prep.to_dict(), "data": bundle.spec,
-            "variant": args.variant, "provenance": provenance(args, device)}
-    if not args.json:
+            "variant": args.variant, "provenance": provenance(args, device, job)}
+    if not args.json and (job is None or job.is_main):
         print(f"training {args.variant} ({count_parameters(model) / 1e6:.2f}M parameters, {cfg.attention} attention, "
               f"{cfg.solver} x {cfg.num_steps}, noise dim {cfg.noise_dim}"
               f"{f' in the last {cfg.num_noise_blocks} of {cfg.depth} blocks' if cfg.noise_blocks else ''}, "
@@ -154,7 +164,11 @@ def run(args: argparse.Namespace) -> int:
                   f"({row['seconds']:.0f}s)", file=sys.stderr, flush=True)
 
     result = train_model(model, bundle.train, bundle.calibration, tc, out_dir=args.out, meta=meta, device=device,
-                         progress=show_bar, on_epoch=report)
+                         progress=show_bar, on_epoch=report, job=job)
+    if job is not None:
+        distributed.stop()
+        if not job.is_main:
+            return 0
     final = result.history[-1]["val_accuracy"]
     figures = {"out": str(args.out), "keep": args.keep, "final_val_accuracy": final, "best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
                "train_seconds": result.seconds, "total_seconds": time.perf_counter() - start,

@@ -21,6 +21,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +36,7 @@ from snodevit.checkpoint import save_model
 from snodevit.inference.precision import PRECISIONS, cpu_has_bf16
 from snodevit.model import SNodeViT
 from snodevit.training.backprop import Runner, check_backprop, make_runner
+from snodevit.training.distributed import Distributed, all_sum, rank_seed, set_epoch, train_forward, train_loader
 from snodevit.training.perturb import OOD_NOISE_SCALES, ood_perturb, shuffle_cells
 
 # PRECISIONS, cpu_has_bf16, OOD_NOISE_SCALES and shuffle_cells are imported from here by the CLI, tests and benchmarks
@@ -177,9 +179,12 @@ class _Loop:
     ema: AveragedModel | None  # the averaged copy that is validated and saved, when tc.ema_decay > 0
     bar: tqdm
     runner: Runner | None = None  # runs the blocks for tc.backprop (None: the model's own integrate)
+    forward: nn.Module | None = None  # the training forward (``distributed.TrainForward``), inside DDP under torchrun
+    job: Distributed | None = None  # this process's place in a torchrun job; None: one process
 
 
-def _build_loop(model: SNodeViT, train_set: Dataset, tc: TrainConfig, device: torch.device, progress: bool) -> _Loop:
+def _build_loop(model: SNodeViT, train_set: Dataset, tc: TrainConfig, device: torch.device, progress: bool,
+                job: Distributed | None = None) -> _Loop:
     """Seed, move the model to ``device`` and build the loader, optimiser, schedule, noise and EMA of a run.
 
     The order is the run's random stream: the global seed, then the shuffling generator, then the noise's.
@@ -189,8 +194,7 @@ def _build_loop(model: SNodeViT, train_set: Dataset, tc: TrainConfig, device: to
     bf16 = use_bf16(tc.precision, device)
     model.to(device)
     gen = torch.Generator().manual_seed(tc.seed)
-    loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, generator=gen, drop_last=True,
-                        num_workers=tc.num_workers, pin_memory=cuda, persistent_workers=tc.num_workers > 0)
+    loader = train_loader(train_set, tc.batch_size, gen, tc.num_workers, cuda, job)
     opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.999))
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -198,12 +202,13 @@ def _build_loop(model: SNodeViT, train_set: Dataset, tc: TrainConfig, device: to
     total = steps_per_epoch * tc.epochs
     warmup = int(tc.warmup_epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup, tc.min_lr_ratio))
-    noise_gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
+    noise_gen = torch.Generator(device=device).manual_seed(rank_seed(tc.seed + 1, job))
     # the averaged copy is validated and saved; buffers (batch-norm statistics of the stem) follow the live model
     ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(tc.ema_decay)) if tc.ema_decay > 0 else None
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     runner = make_runner(model, tc.backprop, noise_gen)
-    return _Loop(model, tc, device, bf16, loader, opt, sched, noise_gen, ema, bar, runner)
+    return _Loop(model, tc, device, bf16, loader, opt, sched, noise_gen, ema, bar, runner,
+                 train_forward(model, job, device), job)
 
 
 def _batch_loss(loop: _Loop, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -214,14 +219,17 @@ def _batch_loss(loop: _Loop, images: Tensor, labels: Tensor) -> tuple[Tensor, Te
         scalars, and the logits (B, classes).
     """
     tc = loop.tc
+    perturb = None  # SDE-Net: small diffusion on these images, large on perturbed ones (drawn after the forward)
+    if tc.ood_diffusion_weight > 0:
+        perturb = partial(ood_perturb, std=tc.ood_noise_std, generator=loop.noise_gen,
+                          shuffle_grid=tc.ood_shuffle_grid)
     with torch.autocast(device_type=loop.device.type, dtype=torch.bfloat16, enabled=loop.bf16):
-        logits, reg = loop.model.forward_train(images, generator=loop.noise_gen, runner=loop.runner)
+        logits, reg, ood_bce = loop.forward(images, loop.noise_gen, loop.runner, perturb)  # type: ignore[misc]
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=tc.label_smoothing)
         loss = ce + reg
         bce = torch.zeros((), device=loop.device)
-        if tc.ood_diffusion_weight > 0:  # SDE-Net: small diffusion on these images, large on perturbed ones
-            bce = loop.model.ood_diffusion_loss(images, ood_perturb(images, tc.ood_noise_std, loop.noise_gen,
-                                                                    shuffle_grid=tc.ood_shuffle_grid))
+        if ood_bce is not None:
+            bce = ood_bce
             loss = loss + tc.ood_diffusion_weight * bce
     return loss, ce, reg, bce, logits
 
@@ -248,6 +256,7 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict[str, float]:
         FloatingPointError: the loss stopped being finite.
     """
     loop.model.train()
+    set_epoch(loop.loader, epoch)
     device, cuda = loop.device, loop.device.type == "cuda"
     # running sums stay on the device: reading them every step would wait for the GPU four times a step,
     # which costs most when several training processes share one GPU
@@ -270,6 +279,8 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict[str, float]:
             if not bool(finite):
                 raise FloatingPointError(f"training diverged at epoch {epoch} (loss={loss.item()}); lower --lr")
             loop.bar.set_postfix(epoch=epoch, loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    sums, seen = all_sum(sums, seen, loop.job)  # every rank's images (one process: the same numbers)
+    loss_sum, reg_sum, correct, bce_sum = sums.tolist()
     return {"train_loss": loss_sum / seen, "train_reg": reg_sum / seen,
             **({"train_ood_bce": bce_sum / seen} if loop.tc.ood_diffusion_weight > 0 else {}),
             "train_accuracy": correct / seen}
@@ -287,8 +298,13 @@ def _log_epoch(row: dict[str, float], bar: tqdm, progress: bool) -> None:
 def train_model(model: SNodeViT, train_set: Dataset, val_set: Dataset, tc: TrainConfig, *,
                 out_dir: str | Path | None = None, meta: dict[str, Any] | None = None,
                 device: str | torch.device = "cpu", progress: bool = True,
-                on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
+                on_epoch: Callable[[dict[str, float]], None] | None = None,
+                job: Distributed | None = None) -> TrainResult:
     """Train ``model`` in place and write the kept checkpoint to ``out_dir``.
+
+    Under torchrun (``job``, from :func:`snodevit.training.distributed.from_env`, with the process group started)
+    each rank trains on its share of every global batch through DDP, and rank 0 alone validates, logs, calls
+    ``on_epoch`` and saves; the other ranks return an empty history.
 
     ``tc.keep="last"`` (default) writes the final epoch: the validation split of `snodevit train` is the
     calibration split, and picking the best epoch on it makes the calibration data look better than unseen data
@@ -307,13 +323,17 @@ def train_model(model: SNodeViT, train_set: Dataset, val_set: Dataset, tc: Train
         raise ValueError(f"ood_diffusion_weight={tc.ood_diffusion_weight} trains the diffusion magnitude head, which "
                          "this model lacks; build it with ood_diffusion_scale > 0")
     device = torch.device(device)
-    loop = _build_loop(model, train_set, tc, device, progress)
+    main = job is None or job.is_main
+    progress = progress and main
+    loop = _build_loop(model, train_set, tc, device, progress, job)
     val_loader = DataLoader(val_set, batch_size=256, shuffle=False, num_workers=0, pin_memory=device.type == "cuda")
     kept = loop.ema.module if loop.ema is not None else model
     result = TrainResult(best_val_accuracy=-1.0, best_epoch=-1, seconds=0.0)
     start = time.perf_counter()
     for epoch in range(1, tc.epochs + 1):
         stats = _train_epoch(loop, epoch)
+        if not main:
+            continue
         val_acc, val_nll = evaluate_accuracy(kept, val_loader, device, seed=tc.seed)
         row = {"epoch": epoch, **stats, "val_accuracy": val_acc, "val_nll": val_nll,
                "lr": loop.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
