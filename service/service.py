@@ -145,7 +145,8 @@ def _png_response(png: bytes, answer: ExplainResponse) -> Response:
         "X-SNodeViT-Model": answer.model.tag})
 
 
-@bentoml.service(name="snodevit", resources=_RESOURCES, traffic=_TRAFFIC, labels={"project": "snodevit"})
+@bentoml.service(name="snodevit", workers=DECLARED.workers, resources=_RESOURCES, traffic=_TRAFFIC,
+                 labels={"project": "snodevit"})
 class SNodeViTService:
     """Stochastic SDE Vision Transformer with calibrated, decomposed uncertainty."""
 
@@ -157,7 +158,8 @@ class SNodeViTService:
         LIFECYCLE.start()
         t0 = time.perf_counter()
         self.settings = s = started_settings()
-        # One process, one model: its intra-op threads are set here. On a CPU shared with other work, fewer
+        # One worker process, one model: its intra-op threads are set here (by default the cores shared out over
+        # SNODEVIT_WORKERS). On a CPU shared with other work, fewer
         # threads than cores can be faster (a parallel region waits for every thread to be scheduled).
         torch.set_num_threads(s.threads)
         pinned = _bento_model_tag()

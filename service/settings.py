@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
@@ -21,9 +21,10 @@ from snodevit.inference.params import DEFAULT_NUM_SAMPLES
 from snodevit.inference.precision import PRECISIONS
 
 
-def _torch_threads() -> int:
-    """torch's own intra-op thread count: OMP_NUM_THREADS when set, else the physical cores."""
-    return torch.get_num_threads()
+def _torch_threads(workers: int) -> int:
+    """Intra-op threads of each of ``workers`` processes: torch's own count (OMP_NUM_THREADS when set, else the
+    physical cores) shared out, at least 1, so that the workers together do not oversubscribe the cores."""
+    return max(1, torch.get_num_threads() // workers)
 
 
 BackendName = Literal["torch", "onnx"]
@@ -31,10 +32,11 @@ BACKENDS: tuple[str, ...] = get_args(BackendName)
 ENV_PREFIX = "SNODEVIT_"
 #: What ``service.service`` reads when it is imported (by ``bentoml serve``'s main process, ``bentoml build`` and
 #: each worker): the model tag (the class-scope model reference a Bento packs), the request timeout (BentoML's
-#: traffic timeout is a backstop behind it), and what the API signatures declare (the bounds of num_samples, the
-#: defaults of num_samples and top_k). Every other field is read when the service starts.
+#: traffic timeout is a backstop behind it), what the API signatures declare (the bounds of num_samples, the
+#: defaults of num_samples and top_k), and the worker processes the decorator starts. Every other field is read
+#: when the service starts.
 DECLARED_FIELDS: tuple[str, ...] = ("model", "timeout_s", "num_samples", "max_num_samples", "auto_max_samples",
-                                    "top_k")
+                                    "top_k", "workers")
 
 
 @dataclass(frozen=True)
@@ -61,9 +63,12 @@ class ServiceSettings:
     timeout_s: float = 60.0  # a request still waiting for its answer after this long gets 504
     max_queue_wait_s: float = 1.0  # admission: requests admitted at once = measured images/s * this (429 beyond)
     drain_s: float = 25.0  # on SIGTERM: how long admitted requests get to finish (503 after); < Kubernetes' 30 s
-    threads: int = field(default_factory=_torch_threads)  # torch intra-op threads of the served model
+    workers: int = 1  # server processes (BentoML ``workers``), each with its own model and batcher, on one port
+    threads: int = 0  # torch intra-op threads of each worker's model; 0: the cores shared out, cores // workers
 
     def __post_init__(self) -> None:
+        if self.threads == 0 and isinstance(self.workers, int) and self.workers > 0:
+            object.__setattr__(self, "threads", _torch_threads(self.workers))
         if not self.model.strip():
             raise ValueError(f"{ENV_PREFIX}MODEL must name a model in the BentoML store, e.g. snodevit-mnist:latest")
         if self.backend not in BACKENDS:
