@@ -90,12 +90,6 @@ class BDIAPlan:
         """(block, step within the block) of every step, in order."""
         return [(i, k) for i, block in enumerate(self.blocks) for k in range(block.num_steps)]
 
-    def xi(self, noise: Tensor | None, i: int, k: int) -> Tensor | None:
-        """The standard normals (B, N, m) of step k of block i, or None for an ODE step."""
-        if noise is None or i < self.first_noise_block:
-            return None
-        return noise[:, i - self.first_noise_block, k]
-
 
 def _combine(x: Tensor, h: Tensor, gamma: Tensor | None) -> Tensor:
     """What is rounded to the grid: x + h for the first step, (1 - gamma) x + (1 + gamma) h after it."""
@@ -107,118 +101,128 @@ def _combine(x: Tensor, h: Tensor, gamma: Tensor | None) -> Tensor:
 def _half_step(n_prev: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
     """gamma x_{j-1} + s 2^-(l+1) in grid integers, (sign n + s) / 2 (exact: n + s is even), and the side bit s."""
     s = n_prev & 1  # parity; the same for n and -n
-    return torch.div(sign * n_prev + s, 2, rounding_mode="floor"), s
+    return (sign * n_prev + s) >> 1, s  # an exact halving: the shift is cheaper than an integer division
 
 
-def _forward_states(plan: BDIAPlan, x0: Tensor, noise: Tensor | None, signs: Tensor
-                    ) -> tuple[Tensor, Tensor, list[Tensor], Tensor | None]:
-    """Run the BDIA steps without gradients: the last two states (grid integers), packed side bits, regulariser."""
-    l, dtype = plan.frac_bits, x0.dtype
-    gammas = 0.5 * signs.to(dtype)  # (B, depth)
-    n_prev, n_cur = None, quantise(x0, l)
+class _Tape:
+    """The two newest states in grid integers, shared along the chain of block functions: forward moves them
+    down the blocks, backward rebuilds them back up (block i's backward leaves the states block i - 1 ended on)."""
+
+    def __init__(self, n_cur: Tensor) -> None:
+        self.n_prev: Tensor | None = None  # x_{j-1} 2^l
+        self.n_cur = n_cur  # x_j 2^l
+        self.step = 0  # j: the steps taken so far
+
+
+def _forward_block(plan: BDIAPlan, i: int, tape: _Tape, xi: Tensor | None, sign: Tensor,
+                   dtype: torch.dtype) -> tuple[list[Tensor], Tensor | None]:
+    """Block i's K BDIA steps without gradients, moving the tape on: the packed side bits and the regulariser."""
+    block, l = plan.blocks[i], plan.frac_bits
+    tp = block.time_params(dtype)
     side: list[Tensor] = []
     reg: Tensor | None = None
-    tp = None
-    for j, (i, k) in enumerate(plan.steps):
-        if k == 0:
-            tp = plan.blocks[i].time_params(dtype)
-        h, r = plan.blocks[i].increment(dequantise(n_cur, l, dtype), plan.xi(noise, i, k), k, tp)
+    for k in range(block.num_steps):
+        x = dequantise(tape.n_cur, l, dtype)
+        h, r = block.increment(x, None if xi is None else xi[:, k], k, tp)
         reg = r if reg is None else (reg if r is None else reg + r)
-        gamma = None if j == 0 else gammas[:, i].view(-1, 1, 1)
-        q = quantise(_combine(dequantise(n_cur, l, dtype), h, gamma), l)
-        if n_prev is not None:
-            half, s = _half_step(n_prev, signs[:, i].view(-1, 1, 1).to(torch.int64))
+        q = quantise(_combine(x, h, None if tape.n_prev is None else 0.5 * sign.to(dtype)), l)
+        if tape.n_prev is not None:
+            half, s = _half_step(tape.n_prev, sign.to(torch.int64))
             side.append(pack_bits(s))
             q = q + half
-        n_prev, n_cur = n_cur, q
-    return n_prev, n_cur, side, reg
+        tape.n_prev, tape.n_cur, tape.step = tape.n_cur, q, tape.step + 1
+    return side, reg
 
 
-class _BDIAFunction(torch.autograd.Function):
-    """x_0 -> (x_J, summed regulariser) through the BDIA steps, with the activations rebuilt in backward."""
+class _BDIABlock(torch.autograd.Function):
+    """One block's BDIA steps: (x_{j-1}, x_j) -> (x_{j+K-1}, x_{j+K}, regulariser), keeping no activations.
 
-    @staticmethod
-    def forward(ctx: Any, x0: Tensor, noise: Tensor | None, signs: Tensor, plan: BDIAPlan,
-                *params: Tensor) -> tuple[Tensor, Tensor]:
-        n_prev, n_cur, side, reg = _forward_states(plan, x0, noise, signs)
-        if n_prev is None:
-            raise ValueError("reversible integration needs at least two solver steps in all (depth * num_steps >= 2)")
-        ctx.plan, ctx.side, ctx.params = plan, side, params  # parameters are leaves: no reference cycle
-        ctx.has_noise, ctx.has_reg = noise is not None, reg is not None
-        ctx.autocast = (x0.device.type, torch.is_autocast_enabled(x0.device.type),
-                        torch.get_autocast_dtype(x0.device.type))
-        ctx.save_for_backward(x0, noise if noise is not None else x0.new_empty(0), signs, n_prev, n_cur)
-        ctx.mark_non_differentiable(signs)
-        out = dequantise(n_cur, plan.frac_bits, x0.dtype)
-        return out, (reg if reg is not None else x0.new_zeros(())).detach()
+    The float states in and out only carry gradients; the values live on the tape. Backward rebuilds the block's
+    input states from its output states and recomputes each step with gradients. One function per block, so
+    autograd accumulates each block's parameter gradients as soon as its backward is done.
+    """
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor, grad_reg: Tensor) -> tuple[Tensor | None, ...]:
-        x0, noise, signs, n_prev, n_cur = ctx.saved_tensors
-        return _backward(ctx, grad_out, grad_reg, x0, noise if ctx.has_noise else None, signs, n_prev, n_cur,
-                         list(ctx.params))
+    def forward(ctx: Any, x_prev: Tensor | None, x_cur: Tensor, xi: Tensor | None, sign: Tensor, tape: _Tape,
+                plan: BDIAPlan, i: int, *params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.first_step, ctx.first_is_start = tape.step, tape.n_prev is None
+        ctx.side, reg = _forward_block(plan, i, tape, xi, sign, x_cur.dtype)
+        ctx.tape, ctx.plan, ctx.i, ctx.params, ctx.has_xi = tape, plan, i, params, xi is not None
+        device = x_cur.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        # the input itself only where nothing comes before it: the final check that x_0 came back bit for bit
+        ctx.save_for_backward(sign, x_cur if ctx.first_is_start else None, xi)
+        assert tape.n_prev is not None
+        out_prev = dequantise(tape.n_prev, plan.frac_bits, x_cur.dtype)
+        out_cur = dequantise(tape.n_cur, plan.frac_bits, x_cur.dtype)
+        return out_prev, out_cur, (reg if reg is not None else x_cur.new_zeros(())).detach()
 
-
-def _recompute(plan: BDIAPlan, j: int, n_cur: Tensor, noise: Tensor | None, gammas: Tensor,
-               needs_noise_grad: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
-    """Step j again from its input state, with gradients: the input leaf, the noise leaf, the value rounded to
-    the grid (before rounding) and the step's regulariser."""
-    i, k = plan.steps[j]
-    x = dequantise(n_cur, plan.frac_bits, dtype).requires_grad_(True)
-    xi = plan.xi(noise, i, k)
-    if xi is not None and needs_noise_grad:
-        xi = xi.detach().requires_grad_(True)
-    with torch.enable_grad():
-        tp = plan.blocks[i].time_params(dtype)
-        h, reg = plan.blocks[i].increment(x, xi, k, tp)
-        v = _combine(x, h, None if j == 0 else gammas[:, i].view(-1, 1, 1))
-    return x, xi, v, reg
-
-
-def _backward(ctx: Any, grad_out: Tensor, grad_reg: Tensor, x0: Tensor, noise: Tensor | None, signs: Tensor,
-              n_prev: Tensor, n_cur: Tensor, params: list[Tensor]) -> tuple[Tensor | None, ...]:
-    """Walk the steps backwards: rebuild each step's input from the two states after it, recompute the step with
-    gradients, and accumulate the adjoints of the states (x_{j+1} = gamma x_{j-1} + F_j(x_j)) and the parameters."""
-    plan: BDIAPlan = ctx.plan
-    l, dtype = plan.frac_bits, x0.dtype
-    gammas = 0.5 * signs.to(dtype)
-    needs_noise = noise is not None and ctx.needs_input_grad[1]
-    noise_grad = torch.zeros_like(noise) if needs_noise else None
-    param_grads: list[Tensor | None] = [None] * len(params)
-    adj_next, adj_cur = grad_out, torch.zeros_like(grad_out)  # adjoints of x_{j+1} (complete) and x_j (partial)
-    n_next, n_here = n_cur, n_prev  # states j + 1 and j
-    device_type, autocast_on, autocast_dtype = ctx.autocast
-    for j in range(len(plan.steps) - 1, -1, -1):
+    @staticmethod
+    def backward(ctx: Any, grad_prev: Tensor, grad_cur: Tensor, grad_reg: Tensor) -> tuple[Tensor | None, ...]:
+        sign, x0, xi = ctx.saved_tensors
+        tape, plan = ctx.tape, ctx.plan
+        if tape.step != ctx.first_step + plan.blocks[ctx.i].num_steps:
+            raise RuntimeError("BDIA backward ran out of order (each forward can be backpropagated once)")
+        device_type, autocast_on, autocast_dtype = ctx.autocast
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
-            x, xi, v, reg = _recompute(plan, j, n_here, noise, gammas, needs_noise, dtype)
+            grads = _backward_block(ctx, tape, grad_cur, grad_prev, grad_reg, sign, xi)
+        if ctx.first_is_start and not torch.equal(tape.n_cur, quantise(x0, plan.frac_bits)):
+            raise RuntimeError("BDIA reconstruction is not exact: a block gave different numbers when recomputed "
+                               "in backward (random features, dropout or a non-deterministic kernel?)")
+        adj_prev, adj_cur, grad_xi, param_grads = grads
+        return (adj_prev, adj_cur, grad_xi, None, None, None, None, *param_grads)
+
+
+def _recompute(plan: BDIAPlan, i: int, k: int, n_cur: Tensor, xi: Tensor | None, gamma: Tensor | None,
+               dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Step k of block i again from its input state, with gradients: the input leaf, the value rounded to the
+    grid (before rounding) and the step's regulariser. ``xi``: the block's noise (B, K, N, m) or None."""
+    block = plan.blocks[i]
+    x = dequantise(n_cur, plan.frac_bits, dtype).requires_grad_(True)
+    with torch.enable_grad():  # backward runs without grad mode: the noise's slice must be taken in here too
+        h, reg = block.increment(x, None if xi is None else xi[:, k], k, block.time_params(dtype))
+        v = _combine(x, h, gamma)
+    return x, v, reg
+
+
+def _backward_block(ctx: Any, tape: _Tape, adj_next: Tensor, adj_cur: Tensor, grad_reg: Tensor, sign: Tensor,
+                    xi_all: Tensor | None) -> tuple[Tensor | None, Tensor, Tensor | None, list[Tensor | None]]:
+    """Walk the block's steps backwards: rebuild each step's input from the two states after it, recompute the
+    step with gradients, and accumulate the adjoints of the states (x_{j+1} = gamma x_{j-1} + F_j(x_j)).
+
+    Returns:
+        The adjoints of the block's two input states (None for a missing x_{j-1}), the gradient of its noise and
+        of its parameters.
+    """
+    plan, i, params = ctx.plan, ctx.i, list(ctx.params)
+    l, dtype = plan.frac_bits, adj_next.dtype
+    needs_xi = ctx.has_xi and ctx.needs_input_grad[2]
+    xi_leaf = xi_all.detach().requires_grad_(True) if needs_xi else xi_all
+    param_grads: list[Tensor | None] = [None] * len(params)
+    gamma = 0.5 * sign.to(dtype)
+    n_next, n_here = tape.n_cur, tape.n_prev
+    for k in range(plan.blocks[i].num_steps - 1, -1, -1):
+        first_of_all = ctx.first_is_start and k == 0
+        x, v, reg = _recompute(plan, i, k, n_here, xi_leaf, None if first_of_all else gamma, dtype)
         n_before = None
-        if j > 0:  # x_{j-1} = (x_{j+1} - Q(v) - s 2^-(l+1)) / gamma, in grid integers
-            i = plan.steps[j][0]
-            s = unpack_bits(ctx.side[j - 1], n_here.shape)
-            n_before = signs[:, i].view(-1, 1, 1).to(torch.int64) * (2 * (n_next - quantise(v.detach(), l)) - s)
-        inputs = [x] + ([xi] if xi is not None and needs_noise else []) + list(params)
+        if not first_of_all:  # x_{j-1} = (x_{j+1} - Q(v) - s 2^-(l+1)) / gamma, in grid integers
+            s = unpack_bits(ctx.side[k - 1 if ctx.first_is_start else k], n_here.shape)
+            n_before = sign.to(torch.int64) * (2 * (n_next - quantise(v.detach(), l)) - s)
+        inputs = [x] + ([xi_leaf] if needs_xi else []) + params
         outs, grads_out = [v], [adj_next]
-        if reg is not None and ctx.has_reg:
+        if reg is not None:
             outs.append(reg)
             grads_out.append(grad_reg)
         grads = torch.autograd.grad(outs, inputs, grads_out, allow_unused=True)
-        adj_here = adj_cur + grads[0]
-        offset = 1
-        if xi is not None and needs_noise:
-            i, k = plan.steps[j]
-            noise_grad[:, i - plan.first_noise_block, k] += grads[1]
-            offset = 2
-        for p, g in enumerate(grads[offset:]):
+        adj_next, adj_cur = adj_cur + grads[0], (gamma * adj_next if not first_of_all else None)
+        for p, g in enumerate(grads[2 if needs_xi else 1:]):
             if g is not None:
                 param_grads[p] = g if param_grads[p] is None else param_grads[p] + g
-        adj_cur = (gammas[:, plan.steps[j][0]].view(-1, 1, 1) * adj_next) if j > 0 else None
-        adj_next = adj_here
+        if needs_xi:
+            xi_grad = grads[1] if k == plan.blocks[i].num_steps - 1 else xi_grad + grads[1]
         n_next, n_here = n_here, n_before
-        del x, xi, v, reg, grads
-    if n_next is not None and not torch.equal(n_next, quantise(x0, l)):
-        raise RuntimeError("BDIA reconstruction is not exact: a block gave different numbers when recomputed in "
-                           "backward (random features, dropout or a non-deterministic kernel?)")
-    return (adj_next, noise_grad, None, None, *param_grads)
+    tape.n_cur, tape.n_prev, tape.step = n_next, n_here, ctx.first_step
+    return adj_cur, adj_next, (xi_grad if needs_xi else None), param_grads
 
 
 def bdia_integrate(plan: BDIAPlan, tokens: Tensor, noise: Tensor | None, signs: Tensor) -> tuple[Tensor, Tensor]:
@@ -235,10 +239,17 @@ def bdia_integrate(plan: BDIAPlan, tokens: Tensor, noise: Tensor | None, signs: 
         drift evaluations (a scalar; 0 when the blocks have none).
 
     Raises:
-        ValueError: ``signs`` not (B, depth) of +-1, or fewer than two steps in all.
+        ValueError: ``signs`` not (B, depth) of +-1.
     """
     b, depth = tokens.shape[0], len(plan.blocks)
     if signs.shape != (b, depth) or not bool(((signs == 1) | (signs == -1)).all()):
         raise ValueError(f"signs must be a ({b}, {depth}) tensor of +1 / -1, got shape {tuple(signs.shape)}")
-    params = [p for block in plan.blocks for p in block.parameters() if p.requires_grad]
-    return _BDIAFunction.apply(tokens, noise, signs, plan, *params)
+    tape = _Tape(quantise(tokens.detach(), plan.frac_bits))
+    x_prev, x_cur, reg = None, tokens, tokens.new_zeros(())
+    for i, block in enumerate(plan.blocks):
+        xi = None if (noise is None or i < plan.first_noise_block) else noise[:, i - plan.first_noise_block]
+        params = [p for p in block.parameters() if p.requires_grad]
+        sign = signs[:, i].view(-1, 1, 1)
+        x_prev, x_cur, r = _BDIABlock.apply(x_prev, x_cur, xi, sign, tape, plan, i, *params)
+        reg = reg + r
+    return x_cur, reg

@@ -56,9 +56,6 @@ def check_backprop(mode: str, model: SNodeViT | None = None) -> None:
     if cfg.attention == "performer":
         raise ValueError("backprop 'reversible' cannot train performer attention: it redraws its random features at "
                          "every training forward, so a block recomputed in backward differs; use --backprop checkpoint")
-    if cfg.depth * cfg.num_steps < 2:
-        raise ValueError(f"backprop 'reversible' needs at least two solver steps in all, got depth={cfg.depth} x "
-                         f"num_steps={cfg.num_steps}")
 
 
 def make_runner(model: SNodeViT, mode: str, generator: torch.Generator | None = None,
