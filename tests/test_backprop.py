@@ -166,3 +166,45 @@ def test_bad_modes_are_refused():
     plan = BDIAPlan(tuple(_small().blocks), 0)
     with pytest.raises(ValueError, match="signs must be"):
         bdia_integrate(plan, torch.zeros(2, 5, 24), None, torch.zeros(2, 4, dtype=torch.int8))
+
+
+def _write_folder(root, n_per_class=8):
+    """Two separable classes of 16x16 RGB images: bright left half, bright right half."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["left", "right"]):
+        (root / name).mkdir(parents=True)
+        for i in range(n_per_class):
+            img = rng.integers(0, 40, size=(16, 16, 3), dtype=np.uint8)
+            img[:, 8 * c:8 * c + 8] += 200
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    return root
+
+
+def test_cli_trains_reversibly_records_it_and_serves_the_model_like_any_other(tmp_path, capsys):
+    import json
+    import shlex
+
+    from snodevit.checkpoint import load_model
+    from snodevit.cli.main import main
+
+    data, out = _write_folder(tmp_path / "data"), tmp_path / "model"
+    code = main(["train", "--data", f"imagefolder:{data}", "--image-size", "16", "--out", str(out), "--epochs", "1",
+                 "--batch-size", "4", "--noise-dim", "4", "--backprop", "reversible", "--json"])
+    assert code == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["train_config"]["backprop"] == "reversible"
+    meta = json.loads((out / "meta.json").read_text())
+    argv = shlex.split(meta["provenance"]["command"])
+    assert argv[argv.index("--backprop") + 1] == "reversible"
+    model, _ = load_model(out)  # an ordinary checkpoint: inference is the plain step (gamma = 0)
+    images = torch.randn(2, 3, 16, 16)
+    noise = model.draw_noise(2, 3, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model.sample_logits(images, noise=noise)
+    assert logits.shape == (3, 2, model.cfg.num_classes) and torch.isfinite(logits).all()
+    with pytest.raises(SystemExit) as exit_info:  # argparse names the allowed choices
+        main(["train", "--data", f"imagefolder:{data}", "--out", str(out), "--backprop", "revnet"])
+    assert exit_info.value.code == 2 and "invalid choice: 'revnet'" in capsys.readouterr().err
