@@ -116,7 +116,8 @@ def drain_figures(outcomes: list[Outcome], probes: list[tuple], term: float, rc:
     return {
         "requests": len(outcomes),
         "in_progress_at_sigterm_answered_200": sum(o.status == 200 and o.sent < term for o in after),
-        "refused_503_shutting_down": sum(o.status == 503 and o.error == "shutting_down" for o in outcomes),
+        "refused_503_shutting_down": sum(o.status == 503 and o.error == "shutting_down"
+                                         and "SNODEVIT_DRAIN_S" not in o.detail for o in outcomes),
         "cut_at_drain_deadline": sum(o.status == 503 and "SNODEVIT_DRAIN_S" in o.detail for o in outcomes),
         "no_answer": sum(o.status is None for o in outcomes),
         "other_statuses": dict(Counter(str(o.status) for o in outcomes if o.status not in (200, 503, None))),
@@ -200,3 +201,42 @@ def crash_recovery(server: Server, image: bytes, *, clients: int = 8, num_sample
         "initializations_logged": server.log_tail(10**8).count(INITIALIZED) - before,
         "classify_after_recovery": after.status_code,
     }
+
+
+def _wait_alive(server: Server) -> float:
+    """Seconds until /livez answers 200 (BentoML's startup has returned, ready or not)."""
+    while time.monotonic() - server.started < server.startup_timeout_s:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited with {server.proc.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.url}/livez", timeout=2).status_code == 200:
+                return time.monotonic() - server.started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"bentoml serve not alive in {server.startup_timeout_s:.0f} s:\n{server.log_tail()}")
+
+
+def broken_start(env: dict[str, str], image: bytes, *, watch_s: float = 5.0) -> dict[str, Any]:
+    """Start ``bentoml serve`` on a broken model (``env`` names it) and record what it says: alive, ready or not,
+    what the APIs answer, what it logs; then SIGTERM it."""
+    server = Server(env)
+    try:
+        alive_s = _wait_alive(server)
+        polls: Counter[str] = Counter()
+        end = time.monotonic() + watch_s
+        while time.monotonic() < end:
+            answer, code = _readyz(server.url)
+            polls[f"{answer} {code}".strip()] += 1
+            time.sleep(0.25)
+        readyz = httpx.get(f"{server.url}/readyz", timeout=5)
+        classify = httpx.post(f"{server.url}/classify", files={"image": ("x.png", image, "image/png")}, timeout=30)
+        metadata = httpx.get(f"{server.url}/metadata", timeout=5)
+        time.sleep(0.5)
+        log = server.log_tail(10**8)
+    finally:
+        server.stop()
+    return {"alive_s": round(alive_s, 2), "readyz_polls": dict(polls), "readyz": [readyz.status_code, readyz.json()],
+            "classify": [classify.status_code, classify.json()], "metadata_status": metadata.status_code,
+            "log_lines": [line[line.find("not serving"):] for line in log.splitlines() if "not serving" in line],
+            "tracebacks_logged": log.count("Traceback"), "exit_code": server.proc.returncode}
