@@ -10,6 +10,7 @@ finished within ``SNODEVIT_DRAIN_S`` is answered 503, what has finished is not t
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,13 @@ def server() -> Iterator[Any]:
         yield srv
     finally:
         srv.stop()
+
+
+def test_metadata_shows_the_admission_limit_sized_from_the_measured_rate(server: Any) -> None:
+    a = httpx.get(f"{server.url}/metadata", timeout=30).json()["admission"]
+    assert a["num_samples"] == 8 and a["drain_s"] == 30 and a["max_concurrency"] == 64  # the test env's settings
+    assert a["measured_images_per_s"] > 0
+    assert a["max_in_flight"] == min(64, max(1, math.floor(a["measured_images_per_s"] * a["max_queue_wait_s"])))
 
 
 def test_kill_9_of_the_worker_is_recovered_and_readyz_is_never_200_before_the_new_worker_is_warm(server: Any) -> None:
@@ -97,3 +105,32 @@ def test_requests_still_running_at_the_drain_deadline_are_answered_503() -> None
     for refused in (new, ready, late):
         assert refused.status_code == 503 and refused.json()["error"] == "shutting_down"
         assert refused.headers["Retry-After"] == "1"
+
+
+def test_beyond_the_admission_limit_429_says_when_to_retry_at_the_measured_rate() -> None:
+    """0.5 images/s and a 4 s wait admit 2 requests; the third gets 429 with Retry-After = ceil(2 / 0.5) = 4 s."""
+    release = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    lifecycle = Lifecycle()
+    lifecycle.serve(size_admission(0.5, num_samples=8, max_queue_wait_s=4.0, max_concurrency=64))
+    guard = RequestGuard(app, rules={}, max_concurrency=64, guarded_paths=("/slow",), lifecycle=lifecycle)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=ErrorShapeMiddleware(guard)), base_url="http://t")
+
+    async def scenario() -> tuple[list[httpx.Response], httpx.Response]:
+        admitted = [asyncio.create_task(client.get("/slow")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        refused = await client.get("/slow")
+        release.set()
+        return list(await asyncio.gather(*admitted)), refused
+
+    admitted, refused = asyncio.run(scenario())
+    assert lifecycle.admission is not None and lifecycle.admission.max_in_flight == 2
+    assert [r.status_code for r in admitted] == [200, 200]
+    assert refused.status_code == 429 and refused.json()["error"] == "overloaded"
+    assert refused.headers["Retry-After"] == "4"
