@@ -124,10 +124,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: this process (default); ray: Ray Data actors on a local Ray or a cluster")
     g.add_argument("--address", default=None,
-                   help="(ray) the Ray cluster to join, e.g. auto or ray://head:10001; default: start a local Ray")
+                   help="(ray) the Ray cluster to join: auto (the one on this node) or HEAD:6379; default: start a "
+                        "local Ray")
     g.add_argument("--concurrency", type=positive_int, default=2, help="(ray) model actors (default 2)")
     g.add_argument("--num-cpus", type=_resources, default=1.0,
-                   help="(ray) CPUs per actor, also its torch threads (default 1)")
+                   help="(ray) CPUs per actor, also its torch and decoding threads (default 1)")
     g.add_argument("--num-gpus", type=_resources, default=0.0,
                    help="(ray) GPUs per actor; fractions share a GPU (default 0)")
 
