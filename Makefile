@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: install test serve demo-model bench bench-quick bench-uncertainty attention-comparison bench-memory bench-faults lock clean
+.PHONY: install test serve demo-model bench bench-quick bench-uncertainty attention-comparison bench-scale bench-faults bench-memory lock clean
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
@@ -48,6 +48,11 @@ bench-quick: $(STAMP)
 DEVICE ?= auto
 bench-uncertainty: $(STAMP)
 	$(PY) benchmarks/uncertainty.py --device $(DEVICE) --out docs
+
+# Scaling out (issue 21): Ray scoring rows vs local, torchrun 2 processes vs 1, 2 serving workers vs 1 at
+# concurrency 32 -> docs/scaling.json + docs/scaling-ddp.png (quoted by docs/scaling.md). Serves the demo model.
+bench-scale: demo-model
+	$(PY) benchmarks/scale_out.py --out docs
 
 # Each fault against the real server and `snodevit score` (SIGTERM and kill -9 under load, a 10-minute soak at
 # concurrency 64, broken models, a full and a read-only disk) -> docs/reliability.md. Run it under the heavy lock.
