@@ -101,8 +101,8 @@ def measure_throughput(engine: Engine, *, images: int, num_samples: int, rounds:
     """Images per second of the served model: the faster of ``rounds`` passes of ``images`` blank images at S =
     ``num_samples``, on the inference thread (after the warm-up, so no lazy setup is timed).
 
-    The forward pass alone: decoding and HTTP add to a request's cost, so the queue waits a little longer than the
-    limit is sized for (``docs/reliability.md`` measures by how much).
+    The forward pass alone: decoding and HTTP add to a request's cost, so the queue waits longer than the limit is
+    sized for (``docs/reliability.md`` measures by how much).
     """
     prep = engine.loaded.preprocessing
     blank = torch.zeros(images, prep.channels, prep.image_size, prep.image_size)
@@ -111,7 +111,7 @@ def measure_throughput(engine: Engine, *, images: int, num_samples: int, rounds:
         t0 = time.perf_counter()
         engine.on_inference_thread(engine.loaded.predict, blank, num_samples=num_samples, seed=list(range(images)))
         best = min(best, time.perf_counter() - t0)
-    return images / best if best > 0 else math.inf
+    return images / max(best, 1e-9)
 
 
 class Drainable(Protocol):
