@@ -56,6 +56,8 @@ def _intro(r: dict[str, Any]) -> list[str]:
         " (refusals), `service/store.py` (`check_served`), `snodevit/scoring/partial.py` and `errors.py` (write"
         " errors); the drivers: `benchmarks/faults*.py`.",
         "",
+        *([f"**A quick run: the soak lasted {r['soak']['duration_s']:.0f} s, not the 10 minutes of `make bench-faults`; "
+            "its figures say nothing yet about memory or latency over a long run.**", ""] if r["quick"] else []),
         "| goal | target | measured | met |",
         "|---|---|---|---|",
         *[f"| {g} | {t} | {m_} | {_yes(ok)} |" for g, t, m_, ok in goals(r)],
@@ -247,7 +249,8 @@ def _closing(r: dict[str, Any]) -> list[str]:
         f"{s['p99_ms']} ms, worker RSS {s['memory']['worker']['second_half_growth_pct']:+.2f} % over the second half. "
         "Every broken model stayed not ready with its reason; `snodevit score` on a full or read-only disk exited 74 "
         "with the kernel's reason, left no half-written file, and resumed to the same rows. "
-        + (f"Goals missed: {'; '.join(missed)}." if missed else "Every goal of issue 20 is met on this run."),
+        + (f"Goals missed: {'; '.join(missed)}." if missed else "Every goal of issue 20 is met on this run.")
+        + (f" This was a quick run: its soak lasted {s['duration_s']:.0f} s, not 10 minutes." if r["quick"] else ""),
         "",
     ]
 
