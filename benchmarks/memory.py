@@ -41,7 +41,7 @@ if str(BENCHMARKS) not in sys.path:  # loaded by path: the sibling modules are i
 
 from memory_accuracy import EVAL_SAMPLES, accuracy_rows  # noqa: E402
 from memory_measure import measure  # noqa: E402
-from memory_report import accuracy_table, goal_lines, memory_figure, memory_table  # noqa: E402
+from memory_report import accuracy_table, goal_lines, memory_figure, memory_table, slope_table  # noqa: E402
 
 BATCH = {28: 64, 224: 8}  # images per step at each size
 
@@ -51,7 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda (memory and time are measured on it)")
     p.add_argument("--depths", type=int, nargs="+", default=[6, 12, 24])
     p.add_argument("--sizes", type=int, nargs="+", default=[28, 224], choices=[28, 224])
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per mode (median reported)")
+    p.add_argument("--repeats", type=int, default=7, help="timed steps per mode (median reported)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads while measuring (default: torch's); 1 steadies timings on a shared host")
     p.add_argument("--epochs", type=int, default=5, help="training epochs of each accuracy model")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--skip-accuracy", action="store_true", help="memory and time only")
@@ -84,6 +86,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"({'`torch.cuda.max_memory_allocated`' if result['device'] == 'cuda' else 'the CPU allocator as recorded by `torch.profiler` with `profile_memory=True`'}). "
              "Time: median of a whole training step (forward, backward, AdamW), modes in alternation.", "",
              *memory_table(result["memory"]), "", "![peak memory and time per step against depth](memory.png)", "",
+             "What each added block costs, and the rest:", "", *slope_table(result["memory"]), "",
              "## Goals", "", *goal_lines(result["memory"]), ""]
     if result.get("accuracy"):
         e = result["accuracy"][0]["epochs"]
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.depths, args.sizes, args.repeats, args.skip_accuracy = [2, 4], [28], 1, True
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
     args.out.mkdir(parents=True, exist_ok=True)

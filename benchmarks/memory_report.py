@@ -30,6 +30,20 @@ def memory_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def slope_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: the memory each added block costs (least squares over the depths) and what is left at depth 0."""
+    lines = ["| image | mode | MiB per added block | MiB at depth 0 (stem, head, one block's backward) |",
+             "|---:|---|---:|---:|"]
+    for size in sorted({r["size"] for r in rows}):
+        for mode in ("standard", "checkpoint", "reversible"):
+            pts = [(r["depth"], r["peak_mib"]) for r in rows if r["size"] == size and r["mode"] == mode]
+            if len(pts) < 2:
+                continue
+            slope, intercept = statistics.linear_regression([p[0] for p in pts], [p[1] for p in pts])
+            lines.append(f"| {size} px | {mode} | {slope:.3f} | {intercept:.1f} |")
+    return lines
+
+
 def goal_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Each goal of the issue, per image size, met or not, with the figures."""
     out = []

@@ -68,13 +68,13 @@ def pack_bits(bits: Tensor) -> Tensor:
 
 
 def unpack_bits(packed: Tensor, shape: torch.Size) -> Tensor:
-    """The 0/1 int64 tensor of ``shape`` that :func:`pack_bits` packed."""
+    """The 0/1 tensor of ``shape`` that :func:`pack_bits` packed, as uint8 (arithmetic with int64 promotes)."""
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     bits = (packed.unsqueeze(1) >> shifts) & 1  # (bytes, 8)
     count = 1
     for size in shape:
         count *= size
-    return bits.reshape(-1)[:count].to(torch.int64).reshape(shape)
+    return bits.reshape(-1)[:count].reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,10 @@ def _combine(x: Tensor, h: Tensor, gamma: Tensor | None) -> Tensor:
 def _half_step(n_prev: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
     """gamma x_{j-1} + s 2^-(l+1) in grid integers, (sign n + s) / 2 (exact: n + s is even), and the side bit s."""
     s = n_prev & 1  # parity; the same for n and -n
-    return (sign * n_prev + s) >> 1, s  # an exact halving: the shift is cheaper than an integer division
+    half = sign * n_prev
+    half += s
+    half >>= 1  # an exact halving, in place: the shift is cheaper than an integer division
+    return half, s
 
 
 class _Tape:
@@ -129,7 +132,7 @@ def _forward_block(plan: BDIAPlan, i: int, tape: _Tape, xi: Tensor | None, sign:
         if tape.n_prev is not None:
             half, s = _half_step(tape.n_prev, sign.to(torch.int64))
             side.append(pack_bits(s))
-            q = q + half
+            q += half
         tape.n_prev, tape.n_cur, tape.step = tape.n_cur, q, tape.step + 1
     return side, reg
 
@@ -207,7 +210,8 @@ def _backward_block(ctx: Any, tape: _Tape, adj_next: Tensor, adj_cur: Tensor, gr
         n_before = None
         if not first_of_all:  # x_{j-1} = (x_{j+1} - Q(v) - s 2^-(l+1)) / gamma, in grid integers
             s = unpack_bits(ctx.side[k - 1 if ctx.first_is_start else k], n_here.shape)
-            n_before = sign.to(torch.int64) * (2 * (n_next - quantise(v.detach(), l)) - s)
+            n_before = quantise(v.detach(), l)  # then, in place: sign (2 (n_next - Q(v)) - s)
+            n_before.neg_().add_(n_next).mul_(2).sub_(s).mul_(sign.to(torch.int64))
         inputs = [x] + ([xi_leaf] if needs_xi else []) + params
         outs, grads_out = [v], [adj_next]
         if reg is not None:
