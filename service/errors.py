@@ -65,6 +65,14 @@ def invalid_parameter(name: str, detail: str) -> ServiceError:
     return ServiceError(400, "invalid_parameter", f"{name}: {detail}")
 
 
+def check_json_post(content_type: bytes, path: str) -> None:
+    """A POST to a route that takes no image (``/metadata``) carries JSON or nothing: a 415 answers anything else
+    before BentoML's parser does (it answers a multipart type without a boundary with a 500)."""
+    media = content_type.split(b";")[0].strip().lower().decode("latin-1")
+    if media not in ("", "application/json"):
+        raise ServiceError(415, "unsupported_media_type", f"POST {path} takes JSON ({{}}) or no body; got {media!r}")
+
+
 def describe_validation_errors(errors: Iterable[Mapping[str, Any]]) -> str:
     """pydantic error dicts -> ``"num_samples: Input should be less than or equal to 256; seed: ..."``."""
     parts = []
@@ -121,11 +129,16 @@ class ErrorShapeMiddleware:
     Args:
         app: the wrapped application.
         on_error: called with (error code, status) of every error answer, e.g. to count it.
+        allow: path -> the methods it takes, for the ``Allow`` header of its 405 answers, where one path is served
+            by two routers (BentoML's POST route and a mounted GET route both answer ``/metadata``; each alone would
+            name only its own method).
     """
 
-    def __init__(self, app: ASGIApp, on_error: Callable[[str, int], None] | None = None) -> None:
+    def __init__(self, app: ASGIApp, on_error: Callable[[str, int], None] | None = None,
+                 allow: Mapping[str, str] | None = None) -> None:
         self.app = app
         self.on_error = on_error
+        self.allow = dict(allow or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -166,8 +179,11 @@ class ErrorShapeMiddleware:
                     except Exception:  # noqa: BLE001 - counting must never cost the client its answer
                         logger.exception("error callback failed")
                 payload = json.dumps(shaped).encode()
-                headers = [(k, v) for k, v in start.get("headers", [])
-                           if k.lower() not in (b"content-length", b"content-type")]
+                allow = self.allow.get(scope["path"]) if status == 405 else None
+                drop = (b"content-length", b"content-type") + ((b"allow",) if allow else ())
+                headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in drop]
+                if allow:
+                    headers.append((b"allow", allow.encode()))
                 headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": payload, "more_body": False})

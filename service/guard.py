@@ -35,7 +35,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ServiceError, describe_validation_errors
+from .errors import ServiceError, check_json_post, describe_validation_errors
 from .lifecycle import Lifecycle
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def check_form(parts: list[_Part], rule: RouteRule, route: str) -> None:
     """The form fields a route accepts: its image field as file uploads, known parameters, no duplicates.
 
     Raises:
-        ServiceError: 400 naming the field, or 413 ``too_many_images``.
+        ServiceError: 400 naming the field (``too_many_images`` beyond the most files a request may carry).
     """
     files = [p for p in parts if p.name == rule.file_field]
     for p in parts:
@@ -163,7 +163,7 @@ def check_form(parts: list[_Part], rule: RouteRule, route: str) -> None:
         if rule.max_files == 1:
             raise ServiceError(400, "invalid_parameter", f"{rule.file_field}: {len(files)} files given, {route} "
                                "takes one (use /classify_batch for several)")
-        raise ServiceError(413, "too_many_images", f"{rule.file_field}: {len(files)} files given, the most one "
+        raise ServiceError(400, "too_many_images", f"{rule.file_field}: {len(files)} files given, the most one "
                            f"request may carry is {rule.max_files}")
 
 
@@ -263,6 +263,8 @@ class RequestGuard:
                     return  # the client went away
                 if scope["method"] == "POST" and rule.file_field:
                     scope = self._route(scope, body, rule, path)
+                elif scope["method"] == "POST":
+                    check_json_post(dict(scope.get("headers", [])).get(b"content-type", b""), path)
             except ServiceError as err:
                 await self._refuse(scope, receive, send, err)
                 return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -38,6 +39,36 @@ def _auto_or_int(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     return handler(value)
 
 
+def _not_boolean(value: Any) -> Any:
+    """Refuse ``true`` / ``false`` where a number is expected (pydantic's lax mode would read them as 1 / 0)."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return value
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _whole_number(value: Any) -> Any:
+    """An integer parameter is written as a whole number: ``1.0`` / ``"1e0"`` / ``true`` are refused, where pydantic's
+    lax mode reads them as 1 (the OpenAPI document says integer, and a JSON Schema integer has no fraction part)."""
+    value = _not_boolean(value)
+    if isinstance(value, float):
+        raise ValueError(f"must be a whole number, got {value!r}")
+    if isinstance(value, str) and not re.fullmatch(r"\s*[+-]?\d+\s*", value) and _is_float(value):
+        raise ValueError(f"must be a whole number, got {value!r}")
+    return value  # "auto", or what the integer validator names the problem of
+
+
+NotBoolean = BeforeValidator(_not_boolean)
+WholeNumber = BeforeValidator(_whole_number)
+
+
 def parameter_types(settings: ServiceSettings) -> dict[str, Any]:
     """The annotated types of the request parameters under ``settings`` (bounds appear in the OpenAPI schema).
 
@@ -53,15 +84,17 @@ def parameter_types(settings: ServiceSettings) -> dict[str, Any]:
                           "minimum": 1, "maximum": settings.max_num_samples, "description": description}
     return {
         "num_samples": Annotated[int, Field(ge=1, le=settings.max_num_samples, description=description),
-                                 WrapValidator(_auto_or_int), WithJsonSchema(num_samples_schema)],
+                                 WrapValidator(_auto_or_int), WholeNumber, WithJsonSchema(num_samples_schema)],
         "seed": Annotated[int | None, Field(ge=0, le=MAX_SEED, description="noise seed; drawn and returned when "
-                                            "absent. The same image, seed and num_samples give the same answer")],
-        "top_k": Annotated[int, Field(ge=1, description="classes listed in top_k (at most the number of classes)")],
+                                            "absent. The same image, seed and num_samples give the same answer"),
+                          WholeNumber],
+        "top_k": Annotated[int, Field(ge=1, description="classes listed in top_k (at most the number of classes)"),
+                           WholeNumber],
         "alpha": Annotated[float | None, Field(gt=0, lt=1, description="miscoverage of the conformal prediction "
                                                "set; one of the calibrated alphas (see /metadata); default: the "
-                                               "smallest")],
+                                               "smallest"), NotBoolean],
         "layer": Annotated[int | None, Field(ge=0, description="block whose attention map is drawn; default: the "
-                                             "attention rollout over all blocks")],
+                                             "attention rollout over all blocks"), WholeNumber],
     }
 
 

@@ -290,7 +290,7 @@ BAD_INPUTS: list[BadInput] = [
              lambda c: c.post("/classify", content=b"hello", headers={"Content-Type": "image/png"}), 415,
              "not_an_image"),
     BadInput("too many images in a batch", "`/classify_batch` with 65 files",
-             lambda c: c.post("/classify_batch", files=[("images", ("a.png", DIGIT_7, "image/png"))] * 65), 413,
+             lambda c: c.post("/classify_batch", files=[("images", ("a.png", DIGIT_7, "image/png"))] * 65), 400,
              "too_many_images"),
     BadInput("one bad image in a batch", "`/classify_batch`: a PNG and a text file",
              lambda c: c.post("/classify_batch", files=[("images", ("a.png", DIGIT_7, "image/png")),

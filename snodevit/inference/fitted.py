@@ -242,14 +242,15 @@ class Calibration:
         return sorted(float(k) for k in self.conformal_thresholds)
 
     def _alpha_key(self, alpha: float) -> str:
-        """The key of ``conformal_thresholds`` that ``alpha`` names: equal within 1e-9, so a float parsed from a
-        form field finds the alpha that was fitted.
+        """The key of ``conformal_thresholds`` that ``alpha`` names: the same float. A decimal string parses to
+        the float the key was written from ("0.1", "0.10" and "1e-1" all name the key "0.1"); a neighbouring float
+        (0.10000000000000002) names no fitted alpha, as the OpenAPI document's enum says.
 
         Raises:
             ValueError: when no threshold was fitted for this alpha.
         """
         for key in self.conformal_thresholds:
-            if abs(float(key) - alpha) < 1e-9:
+            if float(key) == alpha:
                 return key
         raise ValueError(f"alpha={alpha} has no fitted conformal threshold; fitted alphas: {self.alphas}")
 
@@ -258,7 +259,7 @@ class Calibration:
         return float(self._alpha_key(alpha))
 
     def threshold_for(self, alpha: float) -> float:
-        """Conformal threshold fitted for ``alpha`` (a key of ``conformal_thresholds``, equal within 1e-9).
+        """Conformal threshold fitted for ``alpha`` (a key of ``conformal_thresholds``, the same float).
 
         Raises:
             ValueError: when no threshold was fitted for this alpha.
