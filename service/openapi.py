@@ -25,23 +25,29 @@ ERROR_REF = {"$ref": REF.format(model="Error")}
 RAW_MEDIA_TYPES = ("image/*", "application/octet-stream")
 #: An example body of each error status the service answers, and when it answers it.
 ERRORS: dict[int, tuple[str, str, str]] = {
-    400: ("a parameter out of range, an unknown or repeated form field, a broken multipart body or image",
+    400: ("a parameter out of range, an unknown or repeated form field, a broken multipart body or image, more "
+          "images than a batch may carry (too_many_images)",
           "invalid_parameter", "num_samples: Input should be less than or equal to 256"),
-    413: ("the body, an image file, its pixel count or the number of images is over the limit (see /metadata "
-          "limits)", "too_large", "image: the image is 9000000 bytes, more than the limit of 5242880 bytes"),
+    413: ("the body, an image file or its pixel count is over the limit (see /metadata limits)", "too_large",
+          "image: the image is 9000000 bytes, more than the limit of 5242880 bytes"),
     415: ("a Content-Type the route does not take, or a file that is not an image in an allowed format",
           "unsupported_media_type", "/classify takes multipart/form-data with a file field 'image'; got 'text/plain'"),
     429: ("too many requests in progress, or too many large uploads held at once; retry after Retry-After seconds",
           "overloaded", "the service is answering 64 requests, the most it takes at once; retry shortly"),
     500: ("an unexpected failure inside the service", "internal_error", "Internal Server Error"),
+    503: ("not serving: still starting, shutting down (drain after SIGTERM; retry after Retry-After seconds, or on "
+          "another replica) or the model cannot be served (/readyz says why)", "shutting_down",
+          "the server is shutting down; send the request to another replica or retry shortly"),
     501: ("the served ONNX graph was exported without attention maps", "not_available",
           "this ONNX graph was exported without attention maps; export it again with attention"),
     504: ("no answer within the service's timeout", "timeout", "no answer within 60 s; the service is overloaded"),
 }
 #: The error statuses of each kind of route.
-MODEL_ROUTE_ERRORS = (400, 413, 415, 429, 500, 504)
+MODEL_ROUTE_ERRORS = (400, 413, 415, 429, 500, 503, 504)
 EXPLAIN_ROUTE_ERRORS = (*MODEL_ROUTE_ERRORS, 501)
-METADATA_ERRORS = (413, 429, 500)
+METADATA_ERRORS = (413, 429, 500, 503)
+#: Statuses whose answer carries ``Retry-After`` (seconds).
+RETRY_AFTER = (429, 503)
 PARAMETER_EXAMPLES: dict[str, Any] = {"num_samples": 16, "seed": 7, "top_k": 3, "alpha": 0.1, "layer": 0}
 
 
@@ -91,9 +97,11 @@ def _model_schema(model: type[BaseModel], components: dict[str, Any]) -> dict[st
 
 
 def _error_responses(statuses: Sequence[int]) -> dict[str, Any]:
+    retry = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
     return {str(status): {"description": ERRORS[status][0],
                           "content": {"application/json": {"schema": ERROR_REF, "example": {
-                              "error": ERRORS[status][1], "detail": ERRORS[status][2]}}}}
+                              "error": ERRORS[status][1], "detail": ERRORS[status][2]}}},
+                          **({"headers": retry} if status in RETRY_AFTER else {})}
             for status in statuses}
 
 
@@ -118,12 +126,12 @@ def _form_schema(rule: RouteRule, *, num_classes: int, depth: int, alphas: Seque
             if variant.get("type") == "string":
                 variant.pop("enum", None)
                 variant["pattern"] = r"^\s*[Aa][Uu][Tt][Oo]\s*$"
-    binary = {"type": "string", "format": "binary"}
+    binary = {"type": "string", "format": "binary", "minLength": 1}  # an empty file is refused (400 empty_body)
     if rule.max_files == 1:
         props[rule.file_field] = {**binary, "description": "the image file"}
     else:
         props[rule.file_field] = {"type": "array", "items": binary, "minItems": 1, "maxItems": rule.max_files,
-                                  "description": f"the image files, at most {rule.max_files} (413 beyond)"}
+                                  "description": f"the image files, at most {rule.max_files} (400 beyond)"}
     return {"type": "object", "required": [rule.file_field], "properties": props, "additionalProperties": False,
             "description": f"at most {rule.max_body} bytes in all (413 beyond)"}
 
@@ -171,10 +179,24 @@ def service_document(spec: Mapping[str, Any], rules: Mapping[str, RouteRule], *,
         responses.update(_error_responses(EXPLAIN_ROUTE_ERRORS if path in explain_routes else MODEL_ROUTE_ERRORS))
         operation["responses"] = responses
     schemas["MetadataResponse"] = _model_schema(MetadataResponse, schemas)
-    doc["paths"][metadata_path] = {"get": {
-        "tags": ["Service APIs"], "operationId": "snodevit__metadata",
-        "description": "Classes, preprocessing, model configuration, calibration figures and limits of the served "
-                       "model (the valid alphas are calibration.alphas)",
-        "responses": {"200": {"description": "Successful Response", "content": {"application/json": {
-            "schema": {"$ref": REF.format(model="MetadataResponse")}}}}, **_error_responses(METADATA_ERRORS)}}}
+    doc["paths"][metadata_path] = _metadata_operations()
     return doc
+
+
+def _metadata_operations() -> dict[str, Any]:
+    """``GET /metadata``, and ``POST /metadata`` with a JSON object, ``{}`` (the call bentoml's clients make)."""
+    answer = {"200": {"description": "Successful Response", "content": {"application/json": {
+        "schema": {"$ref": REF.format(model="MetadataResponse")}}}}}
+    about = ("Classes, preprocessing, model configuration, calibration figures and limits of the served model (the "
+             "valid alphas are calibration.alphas)")
+    return {
+        "get": {"tags": ["Service APIs"], "operationId": "snodevit__metadata", "description": about,
+                "responses": {**answer, **_error_responses(METADATA_ERRORS)}},
+        "post": {"tags": ["Service APIs"], "operationId": "snodevit__metadata_post",
+                 "description": about + "; the same answer as GET, for clients that call every API with POST "
+                                        "(bentoml.SyncHTTPClient)",
+                 "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                     "type": "object", "description": "no parameters: send {} (other members are ignored)"},
+                     "example": {}}}},
+                 "responses": {**answer, **_error_responses((400, 415, *METADATA_ERRORS))}},
+    }

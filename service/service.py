@@ -55,6 +55,7 @@ from .schemas import (
     ClassifyBatchResponse,
     ClassifyResponse,
     ExplainResponse,
+    MetadataResponse,
     parameter_types,
     params_model,
 )
@@ -239,7 +240,7 @@ class SNodeViTService:
         if not images:
             raise ServiceError(400, "invalid_parameter", "images: no file given")
         if len(images) > self.settings.max_images:
-            raise ServiceError(413, "too_many_images", f"images: {len(images)} files given, the most one request may "
+            raise ServiceError(400, "too_many_images", f"images: {len(images)} files given, the most one request may "
                                f"carry is {self.settings.max_images}")
         where = [f"images[{i}]" for i in range(len(images))]
         data = await asyncio.gather(*(asyncio.to_thread(self.engine.read_upload, p, w) for p, w in zip(images, where)))
@@ -273,12 +274,26 @@ class SNodeViTService:
             return err.response()
         return JSONResponse(out.model_dump(mode="json"))
 
-    def metadata(self) -> Response:
+    @bentoml.api(route="/metadata")
+    def metadata(self) -> MetadataResponse:
+        """Classes, preprocessing, model configuration, calibration figures and limits of the served model.
+
+        ``POST /metadata`` (a JSON object, ``{}``) is this API, listed in ``/schema.json`` so that
+        ``bentoml.SyncHTTPClient(...).metadata()`` finds it; ``GET /metadata`` answers the same through
+        ``_extra_routes``.
+        """
+        return self._metadata()  # type: ignore[return-value]
+
+    def _metadata(self) -> MetadataResponse | Response:
         if self.engine is None or LIFECYCLE.admission is None:
             return (LIFECYCLE.refusal() or ServiceError(503, "unavailable", "not ready")).response()
         answer = self.engine.metadata(UPLOADS)
         answer.admission = admission_info(LIFECYCLE.admission, self.settings)
-        return JSONResponse(answer.model_dump(mode="json"))
+        return answer
+
+    def metadata_response(self) -> Response:
+        answer = self._metadata()
+        return answer if isinstance(answer, Response) else JSONResponse(answer.model_dump(mode="json"))
 
     def openapi_document(self) -> JSONResponse:
         """``GET /docs.json``: BentoML's document made true to the guard's rules and the served model's bounds."""
@@ -318,7 +333,7 @@ async def _raw_endpoint(request: Request) -> Response:
 
 
 async def _metadata_endpoint(request: Request) -> Response:
-    return bentoml.get_current_service().metadata()
+    return bentoml.get_current_service().metadata_response()
 
 
 async def _docs_endpoint(request: Request) -> Response:
@@ -354,7 +369,7 @@ class StartedGuard(RequestGuard):
 
 
 _extra_routes = Starlette(routes=[
-    Route("/metadata", _metadata_endpoint, methods=["GET"]),
+    Route("/metadata", _metadata_endpoint, methods=["GET"]),  # POST /metadata is the API (for bentoml clients)
     Route("/docs.json", _docs_endpoint, methods=["GET"]),  # before BentoML's own (mounts match first)
     *(Route(_raw_path(api), _raw_endpoint, methods=["POST"]) for api in RAW_APIS),
     Mount("/ui", StaticFiles(directory=Path(__file__).with_name("ui"), html=True), name="ui"),  # /ui -> /ui/
@@ -362,5 +377,6 @@ _extra_routes = Starlette(routes=[
 SNodeViTService.mount_asgi_app(_extra_routes, path="/", name="snodevit-extra")
 # Added first = outermost: the error shaping sees the guard's refusals and everything behind it.
 SNodeViTService.add_asgi_middleware(ErrorShapeMiddleware,
-                                    on_error=lambda code, status: service_metrics().record_error(code, status))
+                                    on_error=lambda code, status: service_metrics().record_error(code, status),
+                                    allow={"/metadata": "GET, POST"})
 SNodeViTService.add_asgi_middleware(StartedGuard)

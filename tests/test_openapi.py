@@ -6,9 +6,13 @@ from ``bentoml serve`` (the integration tier's fixture), where BentoML's own ``/
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import bentoml
 import httpx
 import pytest
 from openapi_spec_validator import validate
@@ -18,7 +22,8 @@ from service.openapi import openapi30
 from service.settings import ServiceSettings
 from service.testing import TEST_ENV
 
-DIGIT_7 = (Path(__file__).parent.parent / "examples" / "digit_7.png").read_bytes()
+ROOT = Path(__file__).parent.parent
+DIGIT_7 = (ROOT / "examples" / "digit_7.png").read_bytes()
 OPERATIONS = {"/classify": "post", "/classify_batch": "post", "/explain": "post", "/explain_image": "post",
               "/metadata": "get"}
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -135,3 +140,73 @@ def test_the_documented_refusals_are_what_the_server_answers(server: str, doc: d
     assert null_alpha.status_code == 200  # documented as nullable
     text = httpx.post(f"{server}/classify", content=b"hello", headers={"Content-Type": "text/plain"}, timeout=60)
     assert text.status_code == 415 and "415" in doc["paths"]["/classify"]["post"]["responses"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("value", ["true", "1.0", "1e0", "2.5"])
+def test_integer_parameters_refuse_what_is_not_a_whole_number(server: str, value: str) -> None:  # noqa: F811
+    """pydantic's lax mode reads true and 1.0 as 1; the document says integer, so the service refuses them."""
+    answer = httpx.post(f"{server}/classify", files={"image": ("a.png", DIGIT_7, "image/png")},
+                        data={"top_k": value, "num_samples": "2"}, timeout=60)
+    assert answer.status_code == 400 and answer.json()["error"] == "invalid_parameter", answer.text
+    assert answer.json()["detail"].startswith("top_k")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_an_alpha_is_a_fitted_alpha_exactly(server: str, metadata: dict[str, Any]) -> None:  # noqa: F811
+    fitted = metadata["calibration"]["alphas"][0]
+    for value, status in ((repr(fitted), 200), (repr(fitted + 2**-56), 400)):  # the next float up is not fitted
+        answer = httpx.post(f"{server}/classify", files={"image": ("a.png", DIGIT_7, "image/png")},
+                            data={"alpha": value, "num_samples": "2"}, timeout=60)
+        assert answer.status_code == status, (value, answer.text)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_schemathesis_finds_no_failure(server: str) -> None:  # noqa: F811
+    """``st run <docs.json> --checks all`` against the real server: every check passes, no server error.
+
+    Run from the repository root, so ``schemathesis.toml`` loads the hooks that draw real images for the image
+    parts (tests/contract/schemathesis_hooks.py). A fixed seed keeps CI reproducible; the README's command draws
+    a new one each run.
+    """
+    st = Path(sys.executable).with_name("st")
+    run = subprocess.run([str(st), "run", f"{server}/docs.json", "--checks", "all", "--max-examples", "25",
+                          "--seed", "1", "--no-color"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-6000:]
+    assert "No issues found" in out, out[-3000:]
+    generated = re.search(r"(\d+) generated, (\d+) passed", out)
+    assert generated is not None and generated.group(1) == generated.group(2) and int(generated.group(1)) > 100, out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bentoml_client_sees_every_endpoint(server: str, metadata: dict[str, Any]) -> None:  # noqa: F811
+    """``bentoml.SyncHTTPClient`` builds its methods from ``/schema.json``: /metadata is one of them (POST), and
+    answers what ``GET /metadata`` answers."""
+    with bentoml.SyncHTTPClient(server, timeout=60) as client:
+        assert {"classify", "classify_batch", "explain", "explain_image", "metadata"} <= set(client.endpoints)
+        assert client.metadata()["calibration"] == metadata["calibration"]
+        answer = client.classify(image=ROOT / "examples" / "digit_7.png", num_samples=4, seed=7)
+    direct = httpx.post(f"{server}/classify", files={"image": ("digit_7.png", DIGIT_7, "image/png")},
+                        data={"num_samples": "4", "seed": "7"}, timeout=60).json()
+    assert answer["label"] == direct["label"]
+    assert answer["confidence"] == direct["confidence"]  # same image, seed and S: the same answer
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_readme_client_examples_run(server: str) -> None:  # noqa: F811
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "api_clients.py"), server], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line.split(" ", 1) for line in run.stdout.splitlines()]
+    assert {key for key, _ in lines} == {"classes", "classify", "classify_batch", "explain", "explain_image",
+                                         "metadata", "refused"}
+    batch = next(rest for key, rest in lines if key == "classify_batch")
+    assert batch.count("(") == 2  # the digit and the noise image, in upload order
+    assert dict(lines)["refused"].startswith("400 {'error': 'invalid_parameter'")
+    assert next(rest for key, rest in lines if key == "explain_image") == "b'PNG'"  # the client saved the PNG

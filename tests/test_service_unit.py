@@ -177,7 +177,7 @@ def test_explain_image_is_a_png_overlay(svc) -> None:
 
 
 def test_metadata_describes_model_calibration_and_limits(svc) -> None:
-    md = json.loads(svc.metadata().body)
+    md = json.loads(svc.metadata_response().body)
     assert md["classes"] == [str(i) for i in range(10)]
     assert md["calibration"]["alphas"] == [0.05, 0.1] and md["calibration"]["temperature"] == 1.3
     figures = md["calibration"]["figures"]  # what `snodevit calibrate` measured, from meta.json
