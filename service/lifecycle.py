@@ -84,16 +84,22 @@ def admission_info(admission: Admission, settings: ServiceSettings) -> Admission
 
 
 def size_admission(images_per_s: float, *, num_samples: int, max_queue_wait_s: float,
-                   max_concurrency: int) -> Admission:
-    """The admission limit: ``floor(images_per_s * max_queue_wait_s)`` requests, within [1, max_concurrency].
+                   max_concurrency: int, min_in_flight: int = 1) -> Admission:
+    """The admission limit: ``floor(images_per_s * max_queue_wait_s)`` requests, within
+    [min(min_in_flight, max_concurrency), max_concurrency].
 
     A request counts as one image: the limit is sized for the single-image routes (a ``/classify_batch``
     request counts once; its body is bounded by ``SNODEVIT_MAX_REQUEST_BYTES`` and the buffered-bytes budget).
+    The service passes its batch size as ``min_in_flight``: a rate measured while something else loaded the CPU
+    (0.8 images/s was seen here, against 28 on a quiet machine) would otherwise admit one request at a time for the
+    worker's whole life, and one request at a time never fills a batch, so the server would stay as slow as it
+    was measured.
     """
+    floor = min(max(1, min_in_flight), max_concurrency)
     if not images_per_s > 0 or not math.isfinite(images_per_s):
         limit = max_concurrency
     else:
-        limit = min(max_concurrency, max(1, math.floor(images_per_s * max_queue_wait_s)))
+        limit = min(max_concurrency, max(floor, math.floor(images_per_s * max_queue_wait_s)))
     return Admission(limit, images_per_s, num_samples, max_queue_wait_s, max_concurrency)
 
 

@@ -327,7 +327,7 @@ class AdmissionInfo(BaseModel):
     """How many requests the server admits at once (sized from throughput measured at start), and its drain."""
 
     max_in_flight: int = Field(description="requests in progress before new ones get 429 with Retry-After: "
-                               "floor(measured_images_per_s * max_queue_wait_s), within [1, max_concurrency]")
+                               "floor(measured_images_per_s * max_queue_wait_s), within [max_batch_size, max_concurrency]")
     measured_images_per_s: float = Field(description="images/s of a full forward pass at num_samples, measured "
                                          "when the worker started")
     num_samples: int = Field(description="the S the throughput was measured at (the default)")

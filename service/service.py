@@ -176,7 +176,7 @@ class SNodeViTService:
         rate = measure_throughput(engine, images=min(s.max_batch_size, max(1, s.max_batch_rows // s.num_samples)),
                                   num_samples=s.num_samples)
         admission = size_admission(rate, num_samples=s.num_samples, max_queue_wait_s=s.max_queue_wait_s,
-                                   max_concurrency=s.max_concurrency)
+                                   max_concurrency=s.max_concurrency, min_in_flight=s.max_batch_size)
         LIFECYCLE.serve(admission)
         logger.info("serving %s (%s, weights %s) on %s; loaded and warmed up in %.2f s (warm-up %.2f s); admitting "
                     "%d requests at once (%.1f images/s at S=%d)", stored.tag, loaded.backend_name, loaded.version,

@@ -21,6 +21,7 @@ import pytest
 from service.errors import ErrorShapeMiddleware
 from service.guard import RequestGuard
 from service.lifecycle import Lifecycle, size_admission
+from service.settings import ServiceSettings
 from service.testing import prepare_service
 
 from _benchmarks import load_benchmark
@@ -48,7 +49,8 @@ def test_metadata_shows_the_admission_limit_sized_from_the_measured_rate(server:
     a = httpx.get(f"{server.url}/metadata", timeout=30).json()["admission"]
     assert a["num_samples"] == 8 and a["drain_s"] == 30 and a["max_concurrency"] == 64  # the test env's settings
     assert a["measured_images_per_s"] > 0
-    assert a["max_in_flight"] == min(64, max(1, math.floor(a["measured_images_per_s"] * a["max_queue_wait_s"])))
+    batch = ServiceSettings().max_batch_size  # the floor: one full forward pass (the test env keeps the default)
+    assert a["max_in_flight"] == min(64, max(batch, math.floor(a["measured_images_per_s"] * a["max_queue_wait_s"])))
 
 
 def test_kill_9_of_the_worker_is_recovered_and_readyz_is_never_200_before_the_new_worker_is_warm(server: Any) -> None:
