@@ -13,28 +13,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
-import snodevit
 from snodevit.cli.main import main
 from snodevit.data.sets import load_dataset
 
 from _benchmarks import load_benchmark
-from test_score import CALIBRATION, QUIET, SMALL, _write_digits
+from test_score import QUIET, _write_digits, model_dir  # noqa: F401 - the fixture
 
 disk = load_benchmark("faults_disk")
 EXIT_WRITE = 74
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    m = snodevit.create_model("tiny", **SMALL)
-    d = tmp_path_factory.mktemp("model")
-    snodevit.save_model(m, d, meta={"class_names": [str(i) for i in range(10)],
-                                    "preprocessing": load_dataset("mnist5k").preprocessing.to_dict(),
-                                    "calibration": CALIBRATION})
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -15,32 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from PIL import Image
 
-import snodevit
 from snodevit.cli import score as score_command
 from snodevit.cli.main import main
 from snodevit.data.sets import load_dataset
 
-SMALL = dict(snodevit.MNIST_OVERRIDES, dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=4)
-CALIBRATION = {"temperature": 1.3, "conformal_score": "aps", "conformal_thresholds": {"0.05": 0.9},
-               "decision_score": "confidence", "decision_threshold": 0.5, "target_risk": 0.02}
+from test_score import model_dir  # noqa: F401 - the same small calibrated model as the local engine's tests
+
 FLOATS = ("confidence", "uncertainty_total", "uncertainty_aleatoric", "uncertainty_epistemic", "uncertainty_std")
 RAY = ["--engine", "ray", "--concurrency", "2", "--num-cpus", "1", "--no-progress"]
 LOCAL = ["--workers", "0", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    m = snodevit.create_model("tiny", **SMALL)
-    torch.nn.init.normal_(m.head.weight)  # the head starts at zero; give the test non-trivial answers
-    d = tmp_path_factory.mktemp("model")
-    snodevit.save_model(m, d, meta={"class_names": [str(i) for i in range(10)],
-                                    "preprocessing": load_dataset("mnist5k").preprocessing.to_dict(),
-                                    "calibration": CALIBRATION})
-    return d
 
 
 @pytest.fixture(scope="module")
