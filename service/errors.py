@@ -65,14 +65,6 @@ def invalid_parameter(name: str, detail: str) -> ServiceError:
     return ServiceError(400, "invalid_parameter", f"{name}: {detail}")
 
 
-def check_json_post(content_type: bytes, path: str) -> None:
-    """A POST to a route that takes no image (``/metadata``) carries JSON or nothing: a 415 answers anything else
-    before BentoML's parser does (it answers a multipart type without a boundary with a 500)."""
-    media = content_type.split(b";")[0].strip().lower().decode("latin-1")
-    if media not in ("", "application/json"):
-        raise ServiceError(415, "unsupported_media_type", f"POST {path} takes JSON ({{}}) or no body; got {media!r}")
-
-
 def describe_validation_errors(errors: Iterable[Mapping[str, Any]]) -> str:
     """pydantic error dicts -> ``"num_samples: Input should be less than or equal to 256; seed: ..."``."""
     parts = []

@@ -35,7 +35,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ServiceError, check_json_post, describe_validation_errors
+from .errors import ServiceError, describe_validation_errors
 from .lifecycle import Lifecycle
 
 logger = logging.getLogger(__name__)
@@ -167,6 +167,12 @@ def check_form(parts: list[_Part], rule: RouteRule, route: str) -> None:
                            f"request may carry is {rule.max_files}")
 
 
+def _media_type(scope: Scope) -> tuple[str, str]:
+    """The request's Content-Type and its media type (lower case, without parameters); empty when absent."""
+    content_type = dict(scope.get("headers", [])).get(b"content-type", b"").decode("latin-1").strip()
+    return content_type, content_type.split(";")[0].strip().lower()
+
+
 def check_params(parts: list[_Part], rule: RouteRule) -> None:
     """Validate the form's parameters as BentoML will (each value JSON-decoded when it parses, else the text).
 
@@ -263,8 +269,9 @@ class RequestGuard:
                     return  # the client went away
                 if scope["method"] == "POST" and rule.file_field:
                     scope = self._route(scope, body, rule, path)
-                elif scope["method"] == "POST":
-                    check_json_post(dict(scope.get("headers", [])).get(b"content-type", b""), path)
+                elif scope["method"] == "POST" and (media := _media_type(scope)[1]) not in ("", "application/json"):
+                    raise ServiceError(415, "unsupported_media_type", f"POST {path} takes JSON ({{}}) or no body; "
+                                       f"got {media!r}")  # here, before BentoML's parser answers it with a 500
             except ServiceError as err:
                 await self._refuse(scope, receive, send, err)
                 return
@@ -368,9 +375,7 @@ class RequestGuard:
                 return b"".join(chunks)
 
     def _route(self, scope: Scope, body: bytes, rule: RouteRule, path: str) -> Scope:
-        headers = dict(scope.get("headers", []))
-        content_type = headers.get(b"content-type", b"").decode("latin-1").strip()
-        media = content_type.split(";")[0].strip().lower()
+        content_type, media = _media_type(scope)
         if path in self.raw_rules:  # the raw handler itself: the body is the image
             return scope
         if media.startswith(RAW_MEDIA_TYPES) and rule.raw_path:
