@@ -11,15 +11,16 @@ send the next request elsewhere) or at their first request with no answer at all
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # imported by the tests, not only by faults.py
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -66,6 +67,26 @@ def _client_pool(url: str, clients: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits)
 
 
+class _Load(NamedTuple):
+    client: httpx.AsyncClient
+    clock: Callable[[], float]  # seconds since the load started
+    tasks: list[asyncio.Task[None]]  # one closed loop per client
+    out: list[Outcome]  # every request's outcome, appended as it ends
+
+
+@contextlib.asynccontextmanager
+async def _under_load(url: str, clients: int, image: bytes, num_samples: int, load_s: float) -> AsyncIterator[_Load]:
+    """``clients`` closed loops of /classify against ``url``; the body runs ``load_s`` seconds into the load (the
+    fault), and ends the loops itself (awaits or cancels ``tasks``)."""
+    out: list[Outcome] = []
+    t0 = time.monotonic()
+    clock = lambda: time.monotonic() - t0  # noqa: E731
+    async with _client_pool(url, clients) as c:
+        tasks = [asyncio.create_task(_client(c, i, clock, image, num_samples, out)) for i in range(clients)]
+        await asyncio.sleep(load_s)
+        yield _Load(c, clock, tasks, out)
+
+
 async def _readiness_after(c: httpx.AsyncClient, clock: Callable[[], float], until: float) -> list[tuple]:
     """(seconds, status or exception name, error code) of /readyz polled every 20 ms until ``until`` or the end."""
     seen: list[tuple] = []
@@ -86,17 +107,12 @@ def drain_under_load(server: Server, image: bytes, *, clients: int = 8, num_samp
                      load_s: float = 3.0, exit_timeout_s: float = 120.0) -> dict[str, Any]:
     """SIGTERM to ``bentoml serve`` while ``clients`` closed loops run; the figures of the drain."""
     async def run() -> tuple[list[Outcome], list[tuple], float]:
-        out: list[Outcome] = []
-        t0 = time.monotonic()
-        clock = lambda: time.monotonic() - t0  # noqa: E731
-        async with _client_pool(server.url, clients) as c:
-            tasks = [asyncio.create_task(_client(c, i, clock, image, num_samples, out)) for i in range(clients)]
-            await asyncio.sleep(load_s)
-            term = clock()
+        async with _under_load(server.url, clients, image, num_samples, load_s) as load:
+            term = load.clock()
             server.proc.send_signal(signal.SIGTERM)
-            probes = await _readiness_after(c, clock, term + exit_timeout_s)
-            await asyncio.gather(*tasks)
-        return out, probes, term
+            probes = await _readiness_after(load.client, load.clock, term + exit_timeout_s)
+            await asyncio.gather(*load.tasks)
+        return load.out, probes, term
 
     t0 = time.monotonic()
     outcomes, probes, term = asyncio.run(run())
@@ -172,20 +188,15 @@ def crash_recovery(server: Server, image: bytes, *, clients: int = 8, num_sample
     before = server.log_tail(10**8).count(INITIALIZED)
 
     async def run() -> tuple[list[Outcome], list[tuple], float]:
-        out: list[Outcome] = []
-        t0 = time.monotonic()
-        clock = lambda: time.monotonic() - t0  # noqa: E731
-        async with _client_pool(server.url, clients) as c:
-            tasks = [asyncio.create_task(_client(c, i, clock, image, num_samples, out)) for i in range(clients)]
-            await asyncio.sleep(load_s)
-            killed = clock()
+        async with _under_load(server.url, clients, image, num_samples, load_s) as load:
+            killed = load.clock()
             os.kill(old, signal.SIGKILL)
-            probes = await _probe_until_ready(server, killed, clock, timeout_s)
+            probes = await _probe_until_ready(server, killed, load.clock, timeout_s)
             await asyncio.sleep(0.5)  # let the clients that waited through the restart be answered
-            for task in tasks:
+            for task in load.tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        return out, probes, killed
+            await asyncio.gather(*load.tasks, return_exceptions=True)
+        return load.out, probes, killed
 
     outcomes, probes, killed = asyncio.run(run())
     time.sleep(1.0)  # the new worker's log line travels through the arbiter's pipe
