@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=7, help="timed steps per mode (median reported)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads while measuring (default: torch's); 1 steadies timings on a shared host")
-    p.add_argument("--epochs", type=int, default=5, help="training epochs of each accuracy model")
+    p.add_argument("--epochs", type=int, default=40,
+                   help="training epochs of each accuracy model (40: the `make serve RETRAIN=1` recipe)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--skip-accuracy", action="store_true", help="memory and time only")
     p.add_argument("--retrain", action="store_true", help="train the accuracy models again even if present")
