@@ -192,6 +192,7 @@ def test_bad_arguments_exit_with_2(tmp_path: Path) -> None:
         assert err.value.code == 2
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_model_path(tmp_path: Path) -> None:
     assert bench.main(["--quick", "--device", "cuda", "--no-http", "--out", str(tmp_path), "--no-progress"]) == 0
