@@ -170,13 +170,15 @@ def _cuda_cell(variant: str, model: torch.nn.Module, predictor: Any, b: int, s: 
     times, outs = time_alternating(fns, budget_s=budget_s, sync=torch.cuda.synchronize)
     f_fold, f_loop = count_flops(model, b, s, loop=False), count_flops(model, b, s, loop=True)
     fp32, bf16 = ceilings["fp32"], ceilings["bf16"]
+    ref_max_abs = float(outs["folded"].abs().max())  # the scale the differences are judged against
     rows = [_row(variant, "cuda", "loop", b, s, times["loop"], f_loop, fp32),
             _row(variant, "cuda", "folded", b, s, times["folded"], f_fold, fp32),
             _row(variant, "cuda", "folded_bf16", b, s, times["folded_bf16"], f_fold, bf16,
-                 max_abs_diff=float((outs["folded_bf16"] - outs["folded"]).abs().max()))]
+                 max_abs_diff=float((outs["folded_bf16"] - outs["folded"]).abs().max()), ref_max_abs=ref_max_abs)]
     if "onnx_cuda" in times:
         rows.append(_row(variant, "cuda", "onnx_cuda", b, s, times["onnx_cuda"], f_fold, fp32,
-                         max_abs_diff=float((outs["onnx_cuda"] - outs["folded"]).abs().max())))
+                         max_abs_diff=float((outs["onnx_cuda"] - outs["folded"]).abs().max()),
+                         ref_max_abs=ref_max_abs))
     return rows
 
 

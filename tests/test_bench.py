@@ -200,5 +200,7 @@ def test_cuda_model_path(tmp_path: Path) -> None:
     rows = result["model_path"]["cuda"]
     assert {r["method"] for r in rows} >= {"loop", "folded", "folded_bf16"}
     assert all(_positive(r["ms"]) for r in rows)
-    assert all(r["max_abs_diff"] < 0.1 for r in rows if r["method"] == "folded_bf16")
+    for r in rows:  # bf16 within its rounding of fp32, judged as on the CPU (relative to the logits' scale)
+        if r["method"] == "folded_bf16":
+            assert 0 < r["max_abs_diff"] < 0.05 * r["ref_max_abs"], r
     assert _positive(result["ceiling"]["cuda_fp32"]["gflops"]) and result["machine"]["gpu"]
