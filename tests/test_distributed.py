@@ -1,7 +1,8 @@
 """Training under torchrun: real ``torchrun --nproc_per_node 2`` jobs on loopback with gloo, no mocks.
 
 * The DDP gradient of two ranks, each on half of a global batch, equals the single-process gradient of the whole
-  batch (float64, a deterministic model), and the DistributedSampler gives the ranks disjoint shares that change
+  batch (float64, a deterministic model), with ``--backprop checkpoint`` and ``reversible`` too (their blocks'
+  parameter gradients reach DDP's all-reduce), and the DistributedSampler gives the ranks disjoint shares that change
   with ``set_epoch`` (``tests/_ddp_worker.py``).
 * ``torchrun ... -m snodevit train`` trains: the loss falls, rank 0 alone prints and saves, the provenance records
   the world size.
@@ -41,6 +42,8 @@ def test_ddp_gradient_equals_the_single_process_gradient_of_the_global_batch() -
     assert figures["params_with_grad"] == figures["params"]  # every parameter took part in the all-reduce
     assert figures["grad_max_abs"] > 1e-3  # a gradient worth comparing
     assert figures["grad_max_abs_diff"] < 1e-12
+    for mode, (diff, scale) in figures["backprop_modes"].items():  # checkpointed and BDIA blocks under DDP too
+        assert scale > 1e-3 and diff < 1e-12, (mode, diff, scale)
     assert figures["rank_batch"] == 4  # the global batch of 8 split over two ranks
     for ranks in figures["epochs"]:  # 20 items, 2 ranks, batches of 4, the last partial batch dropped
         assert all(len(share) == 8 for share in ranks)
