@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .guard import RouteRule
+from .forms import RouteRule
 from .schemas import ErrorResponse, MetadataResponse
 
 REF = "#/components/schemas/{model}"

@@ -45,7 +45,8 @@ from starlette.types import ASGIApp
 
 from .engine import Engine
 from .errors import ErrorShapeMiddleware, ServiceError, describe_validation_errors
-from .guard import RAW_PREFIX, RequestGuard, RouteRule
+from .forms import RouteRule
+from .guard import RAW_PREFIX, RequestGuard
 from .lifecycle import (Lifecycle, admission_info, install_sigterm_drain, measure_throughput, open_engine,
                         size_admission)
 from .metrics import service_metrics

@@ -463,7 +463,7 @@ def _multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "XyZ"
 ])
 def test_form_checks(parts, status, detail) -> None:
     from service.errors import ServiceError
-    from service.guard import RouteRule, check_form, scan_multipart
+    from service.forms import RouteRule, check_form, scan_multipart
 
     rule = RouteRule(10**6, "image", 1, frozenset({"seed", "num_samples"}), "/raw/classify")
     body, ctype = _multipart(parts)
@@ -477,7 +477,7 @@ def test_form_checks(parts, status, detail) -> None:
 
 def test_form_parameters_are_validated_like_the_api_signature() -> None:
     from service.errors import ServiceError
-    from service.guard import RouteRule, check_params, scan_multipart
+    from service.forms import RouteRule, check_params, scan_multipart
     from service.schemas import params_model
     from service.settings import ServiceSettings
 
@@ -496,7 +496,8 @@ def test_form_parameters_are_validated_like_the_api_signature() -> None:
 
 def test_guard_bounds_the_bytes_it_holds() -> None:
     """Bodies are buffered against one budget for all requests: a body that would pass it gets 429."""
-    from service.guard import RequestGuard, RouteRule
+    from service.forms import RouteRule
+    from service.guard import RequestGuard
 
     async def echo(scope, receive, send) -> None:
         message = await receive()
@@ -529,7 +530,7 @@ def test_guard_bounds_the_bytes_it_holds() -> None:
 
 def test_multipart_scan_refuses_broken_bodies() -> None:
     from service.errors import ServiceError
-    from service.guard import scan_multipart
+    from service.forms import scan_multipart
 
     body, ctype = _multipart([("image", "a.png", b"x")])
     assert [(p.name, p.filename, p.size) for p in scan_multipart(body, ctype)] == [("image", "a.png", 1)]
