@@ -64,10 +64,12 @@ attention-comparison: $(STAMP)
 	$(PY) benchmarks/attention_comparison.py --device $(DEVICE) --out docs
 
 # Training memory and time per step of --backprop standard / checkpoint / reversible at depth 6, 12, 24 and
-# 28 / 224 px, and mnist5k accuracy at equal epochs -> docs/memory-results.md (+ .json, memory.png). ~25 min on
-# 2 CPU cores; run it under the heavy lock. DEVICE=cuda measures with torch.cuda.max_memory_allocated.
+# 28 / 224 px, and mnist5k accuracy after 40 epochs, seeds 0-2 -> docs/memory-results.md (+ .json, memory.png).
+# About 2 hours on 2 CPU cores (six trainings); run it under the heavy lock. DEVICE=cuda measures with
+# torch.cuda.max_memory_allocated and trains seeds 3-5 six at a time -> docs/memory-cuda/ (as benchmarks/gpu_checks.sh).
 bench-memory: $(STAMP)
-	PYTHONPATH=. $(PY) benchmarks/memory.py --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE)) --out docs
+	PYTHONPATH=. $(PY) benchmarks/memory.py --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE)) \
+	    $(if $(filter cuda,$(DEVICE)),--out docs/memory-cuda --seeds 3 4 5 --jobs 6,--out docs)
 
 lock:
 	{ sed -n '/^#/p' requirements.lock; $(PY) -m pip freeze --exclude-editable | grep -v '^snodevit'; } > requirements.lock.new

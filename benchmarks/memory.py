@@ -13,8 +13,8 @@ One command writes ``<out>/memory-results.md`` and ``.json`` and ``<out>/memory.
 
 Usage (from the repository root; run it alone on the machine, timings are its point)::
 
-    PYTHONPATH=. python benchmarks/memory.py --device cpu --out docs          # everything (~25 min on 2 cores)
-    PYTHONPATH=. python benchmarks/memory.py --device cuda --out docs/memory-cuda --skip-accuracy
+    PYTHONPATH=. python benchmarks/memory.py --device cpu --out docs          # everything (~2 h on 2 cores)
+    PYTHONPATH=. python benchmarks/memory.py --device cuda --out docs/memory-cuda --seeds 3 4 5 --jobs 6
     PYTHONPATH=. python benchmarks/memory.py --quick --out /tmp/memory        # smoke run, < 1 min
 
 ``make bench-memory`` runs the first.
