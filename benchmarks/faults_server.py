@@ -147,16 +147,23 @@ def drain_figures(outcomes: list[Outcome], probes: list[tuple], term: float, rc:
     }
 
 
-def worker_pids(server: Server) -> list[int]:
-    """The pids of the server's workers (the processes BentoML's arbiter started with ``WORKER_MODULE``)."""
-    pids = []
+def worker_cpu_seconds(server: Server) -> dict[int, float]:
+    """User + system CPU seconds so far of each of the server's workers (the processes BentoML's arbiter started
+    with ``WORKER_MODULE``, each holding a model), by pid."""
+    cpu = {}
     for p in server.processes()[1:]:
         try:
             if WORKER_MODULE in " ".join(p.cmdline()):
-                pids.append(p.pid)
+                t = p.cpu_times()
+                cpu[p.pid] = t.user + t.system
         except psutil.Error:
             continue
-    return pids
+    return cpu
+
+
+def worker_pids(server: Server) -> list[int]:
+    """The pids of the server's workers."""
+    return list(worker_cpu_seconds(server))
 
 
 def _readyz(url: str) -> tuple[int | str, str]:

@@ -167,22 +167,8 @@ def bench_ddp(work: Path, out: Path, epochs: int, batch: int, seeds: list[int]) 
             "max_epoch_loss_gap_between_seeds_1_process": _loss_gap(by[1, seeds[0]], by[1, seeds[-1]])}
 
 
-def _worker_cpu(server: Any) -> dict[int, float]:
-    """CPU seconds so far of each BentoML worker process of ``server`` (the ones that hold a model)."""
-    import psutil
-
-    cpu = {}
-    for p in server.processes()[1:]:
-        try:
-            if "_bentoml_impl.worker" in " ".join(p.cmdline()):
-                t = p.cpu_times()
-                cpu[p.pid] = t.user + t.system
-        except psutil.Error:
-            continue
-    return cpu
-
-
 def _serve_level(workers: int, image: bytes, requests: int, concurrency: int) -> dict[str, Any]:
+    from faults_server import worker_cpu_seconds
     from http_load import http_load, serve
 
     # the admission limit (SNODEVIT_MAX_QUEUE_WAIT_S x the rate measured at start) would answer most of 32 waiting
@@ -191,9 +177,9 @@ def _serve_level(workers: int, image: bytes, requests: int, concurrency: int) ->
            "SNODEVIT_MAX_QUEUE_WAIT_S": "120"}
     with serve(env) as server:
         asyncio.run(http_load(server.url, image, 8, concurrency, 32, 0))  # warm both workers
-        before = _worker_cpu(server)
+        before = worker_cpu_seconds(server)
         row = asyncio.run(http_load(server.url, image, 8, concurrency, requests, 0))
-        after = _worker_cpu(server)
+        after = worker_cpu_seconds(server)
     row.pop("latencies_ms", None)
     per_worker = {str(pid): round(after[pid] - before.get(pid, 0.0), 1) for pid in after}
     return {"workers": workers, "startup_s": server.ready_s, "worker_processes": len(after),

@@ -57,14 +57,10 @@ def test_two_real_workers_both_answer_and_agree() -> None:
     with http_load.serve(env) as server:
         pids = faults.worker_pids(server)
         assert len(pids) == 2, server.log_tail()
-
-        def cpu() -> dict[int, float]:  # user + system seconds of each worker so far
-            return {p.pid: sum(p.cpu_times()[:2]) for p in server.processes() if p.pid in pids}
-
         time.sleep(3.0)  # let both finish warming up
-        cpu_idle = cpu()
+        cpu_idle = faults.worker_cpu_seconds(server)
         time.sleep(3.0)  # what a worker spends doing nothing, for comparison
-        cpu_before = cpu()
+        cpu_before = faults.worker_cpu_seconds(server)
 
         async def burst() -> list[httpx.Response]:
             # 64 requests, 16 at a time, each on a new connection: the workers share the listening socket and the
@@ -76,7 +72,7 @@ def test_two_real_workers_both_answer_and_agree() -> None:
                     data={"num_samples": "32", "seed": "5"}) for _ in range(64)))
 
         answers = asyncio.run(burst())
-        cpu_after = cpu()
+        cpu_after = faults.worker_cpu_seconds(server)
     assert [r.status_code for r in answers] == [200] * 64, [r.text for r in answers if r.status_code != 200][:2]
     bodies = [r.json() for r in answers]
     for key in ("label", "prediction_set", "decision", "reason_code"):  # one answer, whichever worker served
