@@ -10,10 +10,10 @@ file field arrives as text. :class:`RequestGuard`, an ASGI middleware, sits in f
    one is counted while it streams in (413 as soon as it passes the limit); the body is buffered and replayed;
 3. sends raw image bodies (``Content-Type: image/*`` or ``application/octet-stream``) of ``POST /classify``,
    ``/explain`` and ``/explain_image`` to the raw-upload handler (``/raw/<route>``), parameters in the query;
-4. checks multipart forms (:mod:`service.forms`) with a scan that copies no file data: well-formed, the image field(s) are file uploads
-   (never text that BentoML would fetch as a URL), no unknown, repeated or oversized fields, the image count,
-   and the parameters valid under the same pydantic types as the API signature (so BentoML's validation, which
-   logs a traceback for every refusal, only ever sees valid values);
+4. checks multipart forms (:mod:`service.forms`) with a scan that copies no file data: well-formed, the image
+   field(s) are file uploads (never text that BentoML would fetch as a URL), no unknown, repeated or oversized
+   fields, the image count, and the parameters valid under the same pydantic types as the API signature (so
+   BentoML's validation, which logs a traceback for every refusal, only ever sees valid values);
 5. refuses every other content type with 415;
 6. keeps the bodies buffered at once under ``max_buffered_bytes`` (429 beyond), so many large uploads in
    flight cannot exhaust memory.
