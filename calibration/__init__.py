@@ -27,11 +27,15 @@ from .novelty import conformal_p_values, fit_novelty_threshold, novelty_flags
 from .scoring_rules import accuracy, brier_score, negative_log_likelihood
 from .selective import (
     SelectiveThreshold,
+    augrc,
     aurc,
+    coverage_at_risk,
     decide,
     fit_selective_threshold,
+    risk_at_coverage,
     risk_coverage_curve,
     selective_figures,
+    selective_metrics,
 )
 from .summary import calibration_summary
 from .temperature import apply_temperature, calibrated_nll, fit_temperature
@@ -43,6 +47,7 @@ __all__ = [
     "accuracy",
     "adaptive_calibration_error",
     "apply_temperature",
+    "augrc",
     "aurc",
     "brier_score",
     "calibrated_nll",
@@ -52,6 +57,7 @@ __all__ = [
     "conformal_coverage",
     "conformal_p_values",
     "conformal_quantile_index",
+    "coverage_at_risk",
     "decide",
     "expected_calibration_error",
     "fit_conformal_threshold",
@@ -67,9 +73,11 @@ __all__ = [
     "prediction_sets",
     "reliability_bins",
     "reliability_diagram",
+    "risk_at_coverage",
     "risk_coverage_curve",
     "risk_coverage_plot",
     "selective_figures",
+    "selective_metrics",
     "shift_plot",
     "uncertainty_histogram",
     "write_report",

@@ -1,7 +1,10 @@
-"""Selective prediction: the risk-coverage curve of a score, and a threshold fitted for a target risk.
+"""Selective prediction: the risk-coverage curve of a score, its summary figures (AURC, AUGRC, risk at a coverage,
+coverage at a risk), and a threshold fitted for a target risk.
 
-Both accept the most confident samples first and treat tied scores as one group (a threshold cannot split them);
-:func:`_tie_groups` is that ordering, written once.
+All accept the most confident samples first and treat tied scores as one group (a threshold cannot split them);
+:func:`_tie_groups` is that ordering, written once. Where a coverage falls inside a tie group, the error count is
+the expected one over the orders the tied samples could be accepted in (:func:`_expected_errors`); where a figure
+is read at a threshold (the fitted rule, :func:`coverage_at_risk`), only whole tie groups are accepted.
 
 The threshold is the one that accepts the most calibration samples while the empirical error rate among the
 accepted stays at or below ``target_risk``. This is a plug-in rule on the calibration split, not a
@@ -11,20 +14,24 @@ accepted samples fluctuates around the target, by about ``sqrt(r (1 - r) / n_acc
 References:
     Geifman & El-Yaniv. "Selective Classification for Deep Neural Networks." NeurIPS 2017 (risk-coverage, AURC).
     Geifman et al. "Bias-Reduced Uncertainty Estimation for Deep Neural Classifiers." ICLR 2019 (AURC).
+    Traub et al. "Overcoming Common Flaws in the Evaluation of Selective Classification Systems." NeurIPS 2024
+    (the generalized risk and AUGRC).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from numbers import Real
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._validation import check_bool_arg, check_closed_unit_arg, check_real_arg, check_scores, check_scores_correct
 
-__all__ = ["SelectiveThreshold", "aurc", "decide", "fit_selective_threshold", "risk_coverage_curve",
-           "selective_figures"]
+__all__ = ["SelectiveThreshold", "augrc", "aurc", "coverage_at_risk", "decide", "fit_selective_threshold",
+           "risk_at_coverage", "risk_coverage_curve", "selective_figures", "selective_metrics"]
 
 
 @dataclass(frozen=True)
@@ -64,8 +71,13 @@ def _tie_groups(score: Tensor, correct: Tensor) -> tuple[Tensor, Tensor, Tensor,
     return order, counts, end, cum_err
 
 
-def _risk_coverage_compute(score: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
-    """Risk-coverage with ties resolved in expectation. ``score``: (N,), higher = more confident."""
+def _expected_errors(score: Tensor, correct: Tensor) -> Tensor:
+    """(N,) float64 errors among the k most confident, k = 1..N, ties resolved in expectation.
+
+    Inside a tie group the count is interpolated linearly between the group's ends: the expected count if the
+    tied samples were accepted in random order. At a group's end it is the exact count. ``score``: (N,), higher =
+    more confident.
+    """
     n = score.numel()
     _, counts, end, cum_err = _tie_groups(score, correct)
     start = end - counts
@@ -74,8 +86,14 @@ def _risk_coverage_compute(score: Tensor, correct: Tensor) -> tuple[Tensor, Tens
     rate = (err_end - err_start) / counts  # error rate inside each tie group
     k = torch.arange(1, n + 1, dtype=torch.float64)
     start_k = start.repeat_interleave(counts).double()
-    errors_k = err_start.repeat_interleave(counts) + (k - start_k) * rate.repeat_interleave(counts)
-    return k / n, errors_k / k
+    return err_start.repeat_interleave(counts) + (k - start_k) * rate.repeat_interleave(counts)
+
+
+def _risk_coverage_compute(score: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
+    """Risk-coverage with ties resolved in expectation. ``score``: (N,), higher = more confident."""
+    n = score.numel()
+    k = torch.arange(1, n + 1, dtype=torch.float64)
+    return k / n, _expected_errors(score, correct) / k
 
 
 def fit_selective_threshold(scores: Tensor, correct: Tensor, target_risk: float = 0.02,
@@ -280,3 +298,180 @@ def aurc(confidence_or_score: Tensor, correct: Tensor, higher_is_confident: bool
     """
     _, risk = risk_coverage_curve(confidence_or_score, correct, higher_is_confident)
     return float(risk.mean())
+
+
+def augrc(confidence_or_score: Tensor, correct: Tensor, higher_is_confident: bool = True) -> float:
+    r"""Area under the generalized risk-coverage curve (Traub et al. 2024): the risk of an undetected error.
+
+    The generalized risk counts the accepted errors over all N samples, not over the accepted ones, so it is the
+    joint probability "accepted and wrong" and is defined at every coverage, 0 included. With :math:`e_k` the
+    errors among the k most confident samples (:math:`e_0 = 0`), the area of the curve through the points
+    :math:`(k/N, e_k/N)`, joined by straight lines, is
+
+    .. math::
+        \mathrm{AUGRC} = \frac{1}{N} \sum_{k=1}^{N} \frac{e_{k-1} + e_k}{2N}
+        = (1 - \mathrm{AUROC}) \, a (1 - a) + \tfrac{1}{2} (1 - a)^2,
+
+    with a the accuracy and AUROC that of the score separating right from wrong answers (ties count 1/2), the
+    identity Traub et al. give. Ties are handled as in :func:`aurc`: inside a tie group :math:`e_k` is the
+    expected count over the orders the tied samples could be accepted in. The generalized risk is linear in k
+    there, so the area does not depend on the input order and equals the area through the tie groups' ends
+    alone (the thresholds), which is how Traub et al. compute it. Unlike :func:`aurc` (a right Riemann sum,
+    since the selective risk is undefined at coverage 0), the curve starts at (0, 0) and is integrated with the
+    trapezoid rule; a right Riemann sum would add :math:`(1 - a) / (2N)`. Lower is better: a perfect ranking
+    reaches :math:`(1 - a)^2 / 2`, a random one :math:`(1 - a) / 2`.
+
+    Args:
+        confidence_or_score: (N,) confidence (or any score).
+        correct: (N,) bool, True where the prediction was right.
+        higher_is_confident: True when a larger score means more confident.
+
+    Returns:
+        The AUGRC in [0, 1/2] as a float.
+
+    Raises:
+        ValueError: on a bad ``higher_is_confident`` or invalid tensors.
+
+    Example:
+        >>> augrc(torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([True, False, True, False]))
+        0.1875
+    """
+    check_bool_arg(higher_is_confident, "higher_is_confident")
+    check_scores_correct(confidence_or_score, correct, "confidence_or_score")
+    score = confidence_or_score if higher_is_confident else -confidence_or_score
+    return _augrc_compute(_expected_errors(score, correct))
+
+
+def _augrc_compute(errors: Tensor) -> float:
+    """Trapezoid area under ``(k/N, errors[k-1]/N)`` from (0, 0); ``errors``: (N,) from :func:`_expected_errors`."""
+    n = errors.numel()
+    return float((errors.sum() - 0.5 * errors[-1]) / (n * n))
+
+
+def _check_coverage_arg(value: Any, name: str) -> None:
+    """Raise unless ``value`` is a real number in (0, 1] (a share of images to accept: at least one)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"`{name}` must be a number in (0, 1], got {value!r}")
+
+
+def _accepted_count(coverage: float, n: int) -> int:
+    """``max(1, ceil(coverage * n))``, a product within 1e-9 of an integer read as that integer (0.07 * 100 = 7)."""
+    return max(1, math.ceil(coverage * n - 1e-9))
+
+
+def risk_at_coverage(scores: Tensor, correct: Tensor, coverage: float = 0.8, higher_is_confident: bool = True) -> float:
+    r"""Selective risk (the error rate among the accepted) when the most confident ``coverage`` share is accepted.
+
+    .. math::
+        \mathrm{risk@}c = \frac{e_k}{k}, \qquad k = \max(1, \lceil c N \rceil),
+
+    the point of :func:`risk_coverage_curve` at coverage k/N: a fractional count is rounded up, so at least the
+    share c is accepted (a product c N within 1e-9 of an integer counts as that integer, so 0.07 of 100 images
+    is 7 although ``0.07 * 100`` is 7.000000000000001 in floating point). When the k-th sample is tied with
+    samples left out, :math:`e_k` is the expected error count over the orders the tied samples could be accepted
+    in (as in :func:`risk_coverage_curve`), not the count of a threshold, which could only accept the whole tie
+    group.
+
+    Args:
+        scores: (N,) confidence (or any score).
+        correct: (N,) bool, True where the prediction was right.
+        coverage: the share of images accepted, in (0, 1].
+        higher_is_confident: True when a larger score means more confident.
+
+    Returns:
+        The selective risk in [0, 1] as a float.
+
+    Raises:
+        ValueError: on a bad ``coverage``/``higher_is_confident`` or invalid tensors.
+
+    Example:
+        >>> conf, correct = torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([True, False, True, False])
+        >>> risk_at_coverage(conf, correct, 0.5), risk_at_coverage(conf, correct, 0.6)
+        (0.5, 0.3333333333333333)
+        >>> risk_at_coverage(torch.tensor([0.9, 0.5, 0.5]), torch.tensor([True, True, False]), 2 / 3)
+        0.25
+    """
+    _check_coverage_arg(coverage, "coverage")
+    check_bool_arg(higher_is_confident, "higher_is_confident")
+    check_scores_correct(scores, correct)
+    score = scores if higher_is_confident else -scores
+    return _risk_at_coverage_compute(_expected_errors(score, correct), float(coverage))
+
+
+def _risk_at_coverage_compute(errors: Tensor, coverage: float) -> float:
+    k = _accepted_count(coverage, errors.numel())
+    return float(errors[k - 1]) / k
+
+
+def coverage_at_risk(scores: Tensor, correct: Tensor, risk: float = 0.01, higher_is_confident: bool = True) -> float:
+    r"""The largest coverage of a threshold whose selective risk is at most ``risk``; 0.0 if there is none.
+
+    .. math::
+        \mathrm{cov@}r = \max \Big\{ \frac{k}{N} : k \text{ ends a tie group}, \; \frac{e_k}{k} \le r \Big\}
+        \cup \{0\},
+
+    over the thresholds of :func:`risk_coverage_curve` (a threshold accepts whole tie groups, so k runs over
+    the ends of the groups, where :math:`e_k` is the exact count; a 1e-12 slack absorbs rounding). The risk is
+    not monotone in k, so every threshold is checked. This is the calibration coverage of
+    :func:`fit_selective_threshold` with ``target_risk=risk``.
+
+    Args:
+        scores: (N,) confidence (or any score).
+        correct: (N,) bool, True where the prediction was right.
+        risk: the highest acceptable error rate among the accepted, in [0, 1].
+        higher_is_confident: True when a larger score means more confident.
+
+    Returns:
+        The coverage in [0, 1] as a float.
+
+    Raises:
+        ValueError: on a bad ``risk``/``higher_is_confident`` or invalid tensors.
+
+    Example:
+        >>> conf = torch.tensor([0.9, 0.8, 0.7, 0.6])
+        >>> coverage_at_risk(conf, torch.tensor([True, True, False, True]), 0.25)
+        1.0
+        >>> coverage_at_risk(conf, torch.tensor([False, True, True, True]), 0.2)
+        0.0
+    """
+    check_closed_unit_arg(risk, "risk")
+    check_bool_arg(higher_is_confident, "higher_is_confident")
+    check_scores_correct(scores, correct)
+    return _fit_compute(scores, correct, float(risk), higher_is_confident)[1]
+
+
+def selective_metrics(scores: Tensor, correct: Tensor, higher_is_confident: bool = True) -> dict[str, float]:
+    r"""The selective-prediction figures the reports and the command line show, in one call.
+
+    .. math::
+        \{\mathrm{AURC}, \; \mathrm{AUGRC}, \; \mathrm{risk@}0.8, \; \mathrm{cov@}0.01, \; \mathrm{cov@}0.05\}
+
+    as :func:`aurc`, :func:`augrc`, :func:`risk_at_coverage` (coverage 0.8) and :func:`coverage_at_risk` (risk
+    0.01 and 0.05) define them, with the same tie handling.
+
+    Args:
+        scores: (N,) confidence (or any score).
+        correct: (N,) bool, True where the prediction was right.
+        higher_is_confident: True when a larger score means more confident.
+
+    Returns:
+        ``{"aurc", "augrc", "risk_at_80_coverage", "coverage_at_1_risk", "coverage_at_5_risk"}``, floats.
+
+    Raises:
+        ValueError: on a bad ``higher_is_confident`` or invalid tensors.
+
+    Example:
+        >>> selective_metrics(torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([True, False, True, False]))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        {'aurc': 0.3333333333333333, 'augrc': 0.1875, 'risk_at_80_coverage': 0.5, 'coverage_at_1_risk': 0.25,
+         'coverage_at_5_risk': 0.25}
+    """
+    check_bool_arg(higher_is_confident, "higher_is_confident")
+    check_scores_correct(scores, correct)
+    score = scores if higher_is_confident else -scores
+    errors = _expected_errors(score, correct)
+    k = torch.arange(1, errors.numel() + 1, dtype=torch.float64)
+    return {"aurc": float((errors / k).mean()), "augrc": _augrc_compute(errors),
+            "risk_at_80_coverage": _risk_at_coverage_compute(errors, 0.8),
+            "coverage_at_1_risk": _fit_compute(scores, correct, 0.01, higher_is_confident)[1],
+            "coverage_at_5_risk": _fit_compute(scores, correct, 0.05, higher_is_confident)[1]}
