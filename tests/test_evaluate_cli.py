@@ -1,5 +1,6 @@
 """`snodevit evaluate` on a tiny random model: the selective figures it prints, at the requested S and at S = 1,
-against ``calibration.selective_metrics`` run on logits collected independently with ``collect``."""
+against ``calibration.selective_metrics`` run on logits collected independently with ``collect``; and the same
+figures in the calibration report's selective section (``snodevit.evaluation.sections``), on synthetic passes."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import calibration as cal
 import snodevit
 from snodevit.cli.main import main
 from snodevit.data import load_dataset
-from snodevit.evaluation import collect
+from snodevit.evaluation import CalibrateConfig, collect
+from snodevit.evaluation.passes import Pass
+from snodevit.evaluation.sections import _selective_section
 from snodevit.inference.backends import open_model
 from snodevit.inference.summary import summarize
 
@@ -104,3 +107,26 @@ def test_human_output_shows_both_rows(model: Path, reported: dict[int, dict[str,
         assert line.split() == [name] + [f"{reported[SAMPLES][key][k]:.4f}" for k in KEYS]
     lines = _evaluate(model, "--num-samples", "1").splitlines()
     assert [line.split()[0] for line in lines if line.startswith("    S=")] == ["S=1"]  # one row when S = 1
+
+
+# ------------------------------------------------------------------------------------------- the calibration report
+
+
+def test_report_selective_section_ranks_the_served_s_and_one_sample(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    s, n, c, t = 5, 300, 4, 1.7
+    logits = 3.0 * torch.randn(s, n, c, generator=g)  # (S, N, C) float32, as the passes keep them
+    labels = torch.randint(0, c, (n,), generator=g)
+    test = Pass(logits, labels).scale(t)
+    rule = cal.fit_selective_threshold(test.s.confidence, test.correct, 0.3)
+    section = _selective_section(test, rule, CalibrateConfig(), t)
+    assert list(section) == ["calibration", "test", "test_ranking", "test_ranking_one_sample"]
+    assert section["test"]["coverage"] == cal.selective_figures(test.s.confidence, test.correct, rule)["coverage"]
+    for key, probs, samples in (("test_ranking", torch.softmax(logits.double() / t, -1).mean(0), s),
+                                ("test_ranking_one_sample", torch.softmax(logits[0].double() / t, -1), 1)):
+        row = dict(section[key])
+        assert (row.pop("score"), row.pop("num_samples"), row.pop("images")) == ("confidence", samples, n)
+        assert row == pytest.approx(_by_confidence(probs, labels), abs=1e-6), key
+    assert section["test_ranking"] != section["test_ranking_one_sample"]
+    page = cal.write_report(tmp_path, {"selective": section}, {}).read_text()
+    assert "test_ranking_one_sample" in page and "augrc" in page and "coverage_at_5_risk" in page

@@ -6,6 +6,8 @@ References:
     Guo et al. "On Calibration of Modern Neural Networks." ICML 2017 (temperature scaling).
     Angelopoulos & Bates. "A Gentle Introduction to Conformal Prediction." arXiv:2107.07511, 2021.
     Geifman & El-Yaniv. "Selective Classification for Deep Neural Networks." NeurIPS 2017.
+    Traub et al. "Overcoming Common Flaws in the Evaluation of Selective Classification Systems." NeurIPS 2024
+    (AUGRC).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def held_out_sections(cal_pass: Pass, test: Pass, test_one: Pass, fitted: Calibr
                    "test_nll_before": before["nll"], "test_nll_after": after["nll"]}
     return {"temperature": temperature, "calibration": {"before": before, "after": after},
             "conformal": _conformal_section(cal_pass, test, fitted, cfg),
-            "selective": _selective_section(test, rule, cfg), "misclassification": _misclassification_section(test)}
+            "selective": _selective_section(test, rule, cfg, t), "misclassification": _misclassification_section(test)}
 
 
 def _conformal_section(cal_pass: Pass, test: Pass, fitted: Calibration, cfg: CalibrateConfig) -> dict[str, Any]:
@@ -93,14 +95,28 @@ def _conformal_section(cal_pass: Pass, test: Pass, fitted: Calibration, cfg: Cal
     return conformal
 
 
-def _selective_section(test: Pass, rule: cal.SelectiveThreshold, cfg: CalibrateConfig) -> dict[str, Any]:
-    """The accept rule's coverage and risk on the calibration split (where it was fitted) and the test split."""
+def _selective_section(test: Pass, rule: cal.SelectiveThreshold, cfg: CalibrateConfig,
+                       temperature: float) -> dict[str, Any]:
+    """The accept rule's coverage and risk on the calibration split (where it was fitted) and the test split, and
+    how well the served confidence ranks the test split at the served S and at S = 1.
+
+    The S = 1 figures read the first Monte Carlo sample of the same pass at ``temperature``: the noise is drawn
+    per image sample by sample (``draw_noise``), so that sample is what the service answers at S = 1.
+    """
     scores, _ = test.decision_scores(cfg.decision_score)
     on_test = cal.selective_figures(scores, test.correct, rule)
     rule_row = {"score": rule.score_name, "threshold": rule.threshold, "target_risk": rule.target_risk}
+    first = Pass(test.logits[:1], test.labels).scale(temperature)  # (1, N, C)
     return {"calibration": {**rule_row, "coverage": rule.coverage, "risk": rule.risk, "images": rule.n_calibration},
             "test": {**rule_row, "coverage": on_test["coverage"], "risk": on_test["risk"],
-                     "images": len(test.labels)}}
+                     "images": len(test.labels)},
+            "test_ranking": _ranking_row(test), "test_ranking_one_sample": _ranking_row(first)}
+
+
+def _ranking_row(p: Pass) -> dict[str, Any]:
+    """:func:`calibration.selective_metrics` of the served confidence on one scaled pass."""
+    return {"score": "confidence", "num_samples": p.logits.shape[0], "images": len(p.labels),
+            **cal.selective_metrics(p.s.confidence, p.correct)}
 
 
 def _misclassification_section(test: Pass) -> dict[str, Any]:
