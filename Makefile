@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml requirements.lock
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 # The main job: make sure the demo model exists in the BentoML store (on first run: take the checkpoint shipped in
 # models/snodevit-mnist, or train one from scratch with RETRAIN=1; then calibrate + export + register), then serve

@@ -46,7 +46,7 @@ class ServiceSettings:
     model: str = "snodevit-mnist:latest"  # BentoML model store tag of the model to serve
     backend: BackendName = "torch"  # "torch" (PyTorch) or "onnx" (ONNX Runtime on the stored model.onnx)
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda[:i]"
-    precision: str = "auto"  # "fp32", "bf16" (autocast) or "auto": bf16 where the device has native bf16 (torch only)
+    precision: str = "auto"  # "fp32", "bf16" (autocast) or "auto" (one rule for every path: resolve_precision)
     num_samples: int = DEFAULT_NUM_SAMPLES  # Monte Carlo samples per image when a request does not say
     max_num_samples: int = 256  # the most samples one request may ask for
     auto_max_samples: int = 32  # the most samples num_samples="auto" draws for one image (adaptive sampling)

@@ -7,7 +7,8 @@ Each test feeds the same input to both and compares what comes out:
   (``ServiceSettings().num_samples`` / ``.top_k``, no seed, no alpha);
 * the ``snodevit score`` command line (``snodevit.cli.main``), with none of its flags for the same parameters.
 
-Both open the same tiny gated model (``service.testing.make_tiny_model``) with the defaults of each side.
+Both open the same tiny gated model (``service.testing.make_tiny_model``) with the defaults of each side, and
+both resolve precision "auto" to the same precision, also on a CPU with native bf16 (simulated).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+import snodevit.inference.precision
 from service.engine import Engine
 from service.errors import ServiceError
 from service.settings import ServiceSettings
@@ -153,6 +155,37 @@ def test_the_same_image_and_seed_get_the_same_answer(tmp_path: Path, model_dir: 
                  answer["prediction_set"])
     reasons = {row["reason_code"] for row in rows.values()}
     assert "out_of_distribution" in reasons  # the gate's decisions are among those compared
+
+
+# --------------------------------------------------------------------------------------------- precision
+@pytest.mark.parametrize("pinned", [None, "fp32", "bf16"])
+def test_auto_precision_is_one_answer_for_both_on_a_native_bf16_cpu(tmp_path: Path, model_dir: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture,
+                                                                     pinned: str | None) -> None:
+    """On a CPU with native bf16 (simulated; this CPU emulates bf16, with the same answers) "auto" is one precision
+    for the service, built from its defaults or from its environment as `bentoml serve` builds it, and for
+    `snodevit score` without --precision, whether $SNODEVIT_PRECISION pins it or not (the test run pins fp32);
+    both report it, and one image and seed get the same answer."""
+    monkeypatch.setattr(snodevit.inference.precision, "cpu_has_bf16", lambda: True)
+    if pinned is None:
+        monkeypatch.delenv("SNODEVIT_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("SNODEVIT_PRECISION", pinned)
+    want = pinned or "bf16"
+    image, seed = GOOD_IMAGES[0], 7
+    code, rows = score(model_dir, tmp_path / "rows.jsonl", [image], "--batch-size", "1", "--seed", str(seed),
+                       "--json")
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["precision"] == report["settings"]["precision"] == want
+    for settings in (ServiceSettings(), ServiceSettings.from_env(only=("precision",))):
+        engine = Engine.open(model_dir, settings, name="snodevit-test", tag="snodevit-test:1")
+        try:
+            assert engine.info.precision == want, settings.precision
+            answer = classify(engine, image, seed=seed)
+        finally:
+            engine.close()
+        assert rows[image.name] == record_row(rows[image.name]["path"], answer, None), settings.precision
 
 
 # --------------------------------------------------------------------------------------------- bad parameters

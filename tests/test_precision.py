@@ -10,24 +10,72 @@ import pytest
 import torch
 
 import snodevit.inference.precision
+import snodevit.training.train
 from snodevit.data.sets import load_dataset
 from snodevit.data import normalize
 from snodevit.inference.fitted import Calibration
 from snodevit.inference.predictor import predict
 from snodevit.inference.backends import open_model
-from snodevit.inference.precision import resolve_precision
+from snodevit.inference.precision import ENV_VAR, resolve_precision
+from snodevit.training.train import use_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "models" / "snodevit-mnist"
 
 
+def _simulate_cpu(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    """This CPU as one with (or without) native bf16, for every module that asks (emulated bf16 runs here too)."""
+    monkeypatch.setattr(snodevit.inference.precision, "cpu_has_bf16", lambda: native)
+    monkeypatch.setattr(snodevit.training.train, "cpu_has_bf16", lambda: native)
+
+
 @pytest.mark.parametrize("native, want", [(False, "fp32"), (True, "bf16")])
 def test_auto_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch: pytest.MonkeyPatch,
                                                                   native: bool, want: str) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)  # the test run pins it (conftest.py)
     monkeypatch.setattr(snodevit.inference.precision, "cpu_has_bf16", lambda: native)
     assert resolve_precision("auto", "cpu") == want
     assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
     assert resolve_precision("auto", "cpu", "onnx") == "fp32"  # ONNX Runtime runs the fp32 graph
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_snodevit_precision_pins_auto_wherever_it_is_resolved(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    """$SNODEVIT_PRECISION is what "auto" means on this machine, read by the one rule, not by each caller."""
+    _simulate_cpu(monkeypatch, native)
+    for pinned in ("fp32", "bf16"):
+        monkeypatch.setenv(ENV_VAR, pinned)
+        assert resolve_precision("auto", "cpu") == pinned
+        assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setenv(ENV_VAR, "auto")
+    assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    monkeypatch.setenv(ENV_VAR, "bf16")
+    with pytest.raises(ValueError, match=f"{ENV_VAR}=bf16.*torch backend"):
+        resolve_precision("auto", "cpu", "onnx")
+    monkeypatch.setenv(ENV_VAR, "fp16")
+    with pytest.raises(ValueError, match=f"{ENV_VAR} must be one of"):
+        resolve_precision("auto", "cpu")
+    assert resolve_precision("fp32", "cpu") == "fp32"  # an explicit precision needs no pin
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_training_gives_auto_the_same_meaning(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    """`snodevit train`'s "auto" is inference's: bf16 on a native-bf16 CPU, fp32 elsewhere, pinned by the same
+    variable; training alone refuses emulated bf16."""
+    _simulate_cpu(monkeypatch, native)
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert use_bf16("auto", cpu) == (resolve_precision("auto", cpu) == "bf16") == native
+    assert not use_bf16("fp32", cpu)
+    monkeypatch.setenv(ENV_VAR, "fp32")
+    assert not use_bf16("auto", cpu)
+    monkeypatch.setenv(ENV_VAR, "bf16")
+    for precision in ("auto", "bf16"):
+        if native:
+            assert use_bf16(precision, cpu)
+        else:
+            with pytest.raises(ValueError, match="native bf16"):
+                use_bf16(precision, cpu)
 
 
 def test_bad_precisions_are_refused_by_name() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any, Callable
 
@@ -24,10 +23,12 @@ def add_device_flag(p: argparse.ArgumentParser) -> None:
 
 
 def add_precision_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=PRECISIONS, default=os.environ.get("SNODEVIT_PRECISION", "auto"),
-                   help="forward passes in fp32 or bf16 autocast; auto: bf16 where the device multiplies bf16 "
-                        "natively (CUDA, AVX512-BF16/AMX CPUs), else fp32. The onnx backend is fp32. "
-                        "Default: $SNODEVIT_PRECISION, else auto")
+    # "auto" is resolved by snodevit.inference.precision.resolve_precision alone (it reads $SNODEVIT_PRECISION),
+    # as the service's is: a default read here would be a second rule
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="forward passes in fp32 or bf16 autocast; auto (default): $SNODEVIT_PRECISION when it names "
+                        "fp32 or bf16, else bf16 where the device multiplies bf16 natively (CUDA, AVX512-BF16/AMX "
+                        "CPUs), else fp32, as the service resolves it. The onnx backend is fp32")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -145,7 +145,7 @@ def _open(args: argparse.Namespace) -> LoadedModel:
         raise CLIError(f"cannot open --model {args.model}: {err}") from None
 
 
-def _human(summary: ScoreSummary) -> str:
+def _human(summary: ScoreSummary, precision: str) -> str:
     s = summary
     lines = [f"scored {s.images} images -> {s.output} ({s.scored} ok, {s.failed} failed)"]
     if s.errors:
@@ -155,7 +155,8 @@ def _human(summary: ScoreSummary) -> str:
                      + " (by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(s.reasons.items())) + ")")
     if s.resumed_rows:
         lines.append(f"  resumed: {s.resumed_rows} rows from the earlier run, {s.new_rows} new")
-    lines.append(f"  {s.new_rows} images in {s.elapsed_s:.1f} s ({s.images_per_s:.1f} images/s)")
+    lines.append(f"  {s.new_rows} images in {s.elapsed_s:.1f} s ({s.images_per_s:.1f} images/s, "
+                 f"{precision} passes)")
     if s.metrics:
         m = s.metrics
         lines.append(f"  {s.labelled} labelled images: accuracy {m['accuracy']:.4f}  NLL {m['nll']:.4f}  "
@@ -208,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
     except ScoreError as err:
         raise CLIError(str(err), getattr(err, "code", EXIT_USAGE)) from None
     figures = summary.to_dict()
-    figures.update(model=args.model, engine=args.engine, model_version=loaded.version, listed=len(listing),
-                   labelled_folders=listing.labelled_folders)
-    emit(args, figures, _human(summary))
+    # precision as the service's answers give it (model.precision): what "auto" resolved to
+    figures.update(model=args.model, engine=args.engine, model_version=loaded.version, precision=loaded.precision,
+                   listed=len(listing), labelled_folders=listing.labelled_folders)
+    emit(args, figures, _human(summary, loaded.precision))
     return summary.exit_code

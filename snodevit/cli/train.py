@@ -35,8 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=PRECISIONS, default=TrainConfig.precision,
-                   help="bf16 autocast: 'auto' (default) on CUDA only, 'bf16' also on a CPU with native bf16 "
-                        "(AVX512-BF16/AMX: 1.25x faster steps here), 'fp32' never")
+                   help="bf16 autocast: 'auto' (default) as in every other command ($SNODEVIT_PRECISION when "
+                        "set, else bf16 on CUDA and on CPUs with native bf16, AVX512-BF16/AMX: 1.25x faster steps "
+                        "there), 'bf16' (refused on a CPU that would emulate it), 'fp32' never")
     p.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay,
                    help="keep an exponential moving average of the weights with this decay (e.g. 0.998) and "
                         "validate and save it instead of the last weights; 0 (default) turns it off")

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from snodevit.checkpoint import save_model
-from snodevit.inference.precision import PRECISIONS, cpu_has_bf16
+from snodevit.inference.precision import PRECISIONS, cpu_has_bf16, resolve_precision
 from snodevit.model import SNodeViT
 from snodevit.training.backprop import Runner, check_backprop, make_runner
 from snodevit.training.distributed import Distributed, all_sum, rank_seed, set_epoch, train_forward, train_loader
@@ -49,21 +49,23 @@ _SYNC_EVERY = 16  # optimiser steps between reads of the running loss (and the d
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether training autocasts to bf16; raises ValueError for bf16 on a CPU without native bf16 support.
+    """Whether training autocasts to bf16: inference's rule (``resolve_precision``), so ``auto`` means one thing on
+    every path of a machine: ``$SNODEVIT_PRECISION`` when set, else bf16 where the device multiplies bf16 natively
+    (a CUDA GPU that supports it, an AVX512-BF16 or AMX CPU), else fp32.
 
-    Stricter than inference (``snodevit.inference.precision.resolve_precision``): emulated bf16 would make hours of
-    training slower, so training refuses it; ``auto`` trains in bf16 on CUDA only.
+    Stricter than inference in one case: emulated bf16 would make hours of training slower, so training refuses bf16
+    on a CPU without native bf16 (``auto`` never picks it there unless ``$SNODEVIT_PRECISION`` says bf16).
+
+    Raises:
+        ValueError: an unknown precision, or bf16 on a CPU without native bf16.
     """
-    if precision == "fp32":
+    if resolve_precision(precision, device) == "fp32":
         return False
-    if device.type == "cuda":
-        return True
-    if precision == "bf16":
-        if device.type == "cpu" and not cpu_has_bf16():
-            raise ValueError("precision 'bf16' needs a CPU with native bf16 (AVX512-BF16 or AMX) and this one has "
-                             "none; use 'fp32'")
-        return True
-    return False
+    if device.type == "cpu" and not cpu_has_bf16():
+        asked = "precision 'bf16'" if precision == "bf16" else "precision 'auto' (SNODEVIT_PRECISION=bf16)"
+        raise ValueError(f"{asked} needs a CPU with native bf16 (AVX512-BF16 or AMX) to train and this one has "
+                         "none; use 'fp32'")
+    return True
 
 
 @dataclass(frozen=True)
