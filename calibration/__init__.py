@@ -25,18 +25,8 @@ from .density import FeatureDensity, fit_feature_density
 from .detection import misclassification_detection, ood_detection
 from .novelty import conformal_p_values, fit_novelty_threshold, novelty_flags
 from .scoring_rules import accuracy, brier_score, negative_log_likelihood
-from .selective import (
-    SelectiveThreshold,
-    augrc,
-    aurc,
-    coverage_at_risk,
-    decide,
-    fit_selective_threshold,
-    risk_at_coverage,
-    risk_coverage_curve,
-    selective_figures,
-    selective_metrics,
-)
+from .risk_coverage import augrc, aurc, coverage_at_risk, risk_at_coverage, risk_coverage_curve, selective_metrics
+from .selective import SelectiveThreshold, decide, fit_selective_threshold, selective_figures
 from .summary import calibration_summary
 from .temperature import apply_temperature, calibrated_nll, fit_temperature
 

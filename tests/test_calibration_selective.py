@@ -15,6 +15,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 import calibration
+import calibration.risk_coverage as RC
 import calibration.selective as SEL
 
 
@@ -184,14 +185,14 @@ RISKS = (0.0, 0.01, 0.05, 0.2, 0.5, 1.0)
 def test_selective_figures_match_plain_loops(seed: int, n: int, ties: bool, higher: bool) -> None:
     scores, correct = _random_case(seed, n, ties, higher)
     s, c = scores.tolist(), correct.tolist()
-    assert SEL.aurc(scores, correct, higher) == pytest.approx(_loop_aurc(s, c, higher), abs=1e-12)
-    assert SEL.augrc(scores, correct, higher) == pytest.approx(_loop_augrc(s, c, higher), abs=1e-12)
+    assert RC.aurc(scores, correct, higher) == pytest.approx(_loop_aurc(s, c, higher), abs=1e-12)
+    assert RC.augrc(scores, correct, higher) == pytest.approx(_loop_augrc(s, c, higher), abs=1e-12)
     for cov in COVERAGES:
-        assert SEL.risk_at_coverage(scores, correct, float(cov), higher) == pytest.approx(
+        assert RC.risk_at_coverage(scores, correct, float(cov), higher) == pytest.approx(
             _loop_risk_at_coverage(s, c, Fraction(cov), higher), abs=1e-12), cov
     for r in RISKS:
-        assert SEL.coverage_at_risk(scores, correct, r, higher) == _loop_coverage_at_risk(s, c, r, higher), r
-    m = SEL.selective_metrics(scores, correct, higher)
+        assert RC.coverage_at_risk(scores, correct, r, higher) == _loop_coverage_at_risk(s, c, r, higher), r
+    m = RC.selective_metrics(scores, correct, higher)
     assert list(m) == ["aurc", "augrc", "risk_at_80_coverage", "coverage_at_1_risk", "coverage_at_5_risk"]
     assert m == pytest.approx({"aurc": _loop_aurc(s, c, higher), "augrc": _loop_augrc(s, c, higher),
                                "risk_at_80_coverage": _loop_risk_at_coverage(s, c, Fraction(4, 5), higher),
@@ -199,7 +200,7 @@ def test_selective_figures_match_plain_loops(seed: int, n: int, ties: bool, high
                                "coverage_at_5_risk": _loop_coverage_at_risk(s, c, 0.05, higher)}, abs=1e-12)
     # the figures rank the images; the order they come in does not matter, tied or not
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 100))
-    assert SEL.selective_metrics(scores[perm], correct[perm], higher) == pytest.approx(m, abs=1e-12)
+    assert RC.selective_metrics(scores[perm], correct[perm], higher) == pytest.approx(m, abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -209,13 +210,13 @@ def test_augrc_is_traub_et_al_closed_form(seed: int, ties: bool) -> None:
     conf, correct = _random_case(seed, 300, ties, True)
     a = float(correct.double().mean())
     auroc = roc_auc_score(correct.numpy(), conf.numpy())  # ties count 1/2
-    assert SEL.augrc(conf, correct) == pytest.approx((1 - auroc) * a * (1 - a) + 0.5 * (1 - a) ** 2, abs=1e-12)
+    assert RC.augrc(conf, correct) == pytest.approx((1 - auroc) * a * (1 - a) + 0.5 * (1 - a) ** 2, abs=1e-12)
 
 
 def test_coverage_at_risk_is_the_fitted_rules_coverage() -> None:
     scores, correct = _random_case(5, 300, True, True)
     for r in RISKS:
-        assert SEL.coverage_at_risk(scores, correct, r) == SEL.fit_selective_threshold(scores, correct, r).coverage
+        assert RC.coverage_at_risk(scores, correct, r) == SEL.fit_selective_threshold(scores, correct, r).coverage
 
 
 def test_risk_at_coverage_inside_a_tie_is_expected_over_orders() -> None:
@@ -227,24 +228,24 @@ def test_risk_at_coverage_inside_a_tie_is_expected_over_orders() -> None:
         for perm in perms:
             order = [0, *perm, 4]
             expected += sum(not bool(correct[i]) for i in order[:k]) / k / len(perms)
-        assert SEL.risk_at_coverage(scores, correct, k / 5) == pytest.approx(expected, abs=1e-12), k
+        assert RC.risk_at_coverage(scores, correct, k / 5) == pytest.approx(expected, abs=1e-12), k
 
 
 def test_selective_metrics_by_hand_with_ties() -> None:
     scores = torch.tensor([0.9, 0.5, 0.5, 0.5, 0.2], dtype=torch.float64)
     correct = torch.tensor([True, True, False, False, True])
     # errors among the k most confident: 0, 2/3, 4/3, 2, 2 (the tied three hold 2 errors)
-    m = SEL.selective_metrics(scores, correct)
+    m = RC.selective_metrics(scores, correct)
     assert m["aurc"] == pytest.approx((0 + 1 / 3 + 4 / 9 + 2 / 4 + 2 / 5) / 5, abs=1e-15)
     assert m["augrc"] == pytest.approx((0 + 2 / 3 + 4 / 3 + 2 + 2 - 2 / 2) / 25, abs=1e-15)  # = 0.2
     assert m["risk_at_80_coverage"] == pytest.approx(0.5, abs=1e-15)  # 4 of 5 images: 2 / 4
-    assert SEL.risk_at_coverage(scores, correct, 0.6) == pytest.approx(4 / 9, abs=1e-15)
+    assert RC.risk_at_coverage(scores, correct, 0.6) == pytest.approx(4 / 9, abs=1e-15)
     assert m["coverage_at_1_risk"] == m["coverage_at_5_risk"] == 0.2  # only the 0.9 image; the ties hold 2/3 wrong
-    assert SEL.coverage_at_risk(scores, correct, 0.4) == 1.0  # all five: 2 / 5
-    assert SEL.coverage_at_risk(scores, correct, 0.39) == 0.2
+    assert RC.coverage_at_risk(scores, correct, 0.4) == 1.0  # all five: 2 / 5
+    assert RC.coverage_at_risk(scores, correct, 0.39) == 0.2
     # every score tied: the overall error rate at every coverage, and a random ranking's AUGRC (1 - a) / 2
     flat = torch.full((4,), 0.5, dtype=torch.float64)
-    m = SEL.selective_metrics(flat, torch.tensor([1, 0, 1, 1]))
+    m = RC.selective_metrics(flat, torch.tensor([1, 0, 1, 1]))
     assert m == pytest.approx({"aurc": 0.25, "augrc": 0.125, "risk_at_80_coverage": 0.25,
                                "coverage_at_1_risk": 0.0, "coverage_at_5_risk": 0.0}, abs=1e-15)
 
@@ -252,51 +253,51 @@ def test_selective_metrics_by_hand_with_ties() -> None:
 @pytest.mark.parametrize("n", [1, 9])
 def test_selective_metrics_all_correct_and_all_wrong(n: int) -> None:
     scores = torch.rand(n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
-    right = SEL.selective_metrics(scores, torch.ones(n, dtype=torch.bool))
+    right = RC.selective_metrics(scores, torch.ones(n, dtype=torch.bool))
     assert right == {"aurc": 0.0, "augrc": 0.0, "risk_at_80_coverage": 0.0, "coverage_at_1_risk": 1.0,
                      "coverage_at_5_risk": 1.0}
-    wrong = SEL.selective_metrics(scores, torch.zeros(n, dtype=torch.bool), higher_is_confident=False)
+    wrong = RC.selective_metrics(scores, torch.zeros(n, dtype=torch.bool), higher_is_confident=False)
     assert wrong == {"aurc": 1.0, "augrc": 0.5, "risk_at_80_coverage": 1.0, "coverage_at_1_risk": 0.0,
                      "coverage_at_5_risk": 0.0}
-    assert SEL.coverage_at_risk(scores, torch.zeros(n, dtype=torch.bool), 1.0) == 1.0
+    assert RC.coverage_at_risk(scores, torch.zeros(n, dtype=torch.bool), 1.0) == 1.0
 
 
 def test_risk_at_coverage_rounds_a_fractional_count_up() -> None:
     scores = torch.linspace(1.0, 0.01, 100, dtype=torch.float64)
     correct = torch.tensor([True] * 7 + [False] * 93)
     assert 0.07 * 100 > 7
-    assert SEL.risk_at_coverage(scores, correct, 0.07) == 0.0  # 0.07 * 100 = 7.000000000000001 is 7 images
-    assert SEL.risk_at_coverage(scores, correct, 0.0701) == pytest.approx(1 / 8)  # 7.01 images: 8
-    assert SEL.risk_at_coverage(scores, correct, 1e-6) == 0.0  # at least one image
+    assert RC.risk_at_coverage(scores, correct, 0.07) == 0.0  # 0.07 * 100 = 7.000000000000001 is 7 images
+    assert RC.risk_at_coverage(scores, correct, 0.0701) == pytest.approx(1 / 8)  # 7.01 images: 8
+    assert RC.risk_at_coverage(scores, correct, 1e-6) == 0.0  # at least one image
 
 
 def test_selective_metrics_are_exported() -> None:
     for name in ("augrc", "risk_at_coverage", "coverage_at_risk", "selective_metrics"):
-        assert getattr(calibration, name) is getattr(SEL, name) and name in calibration.__all__
+        assert getattr(calibration, name) is getattr(RC, name) and name in calibration.__all__
 
 
 _S, _C = torch.rand(3, dtype=torch.float64), torch.tensor([True, False, True])
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: SEL.risk_at_coverage(_S, _C, coverage=0.0), r"`coverage` must be a number in \(0, 1\], got 0.0"),
-    (lambda: SEL.risk_at_coverage(_S, _C, coverage=1.5), r"`coverage` must be a number in \(0, 1\], got 1.5"),
-    (lambda: SEL.risk_at_coverage(_S, _C, coverage=True), r"`coverage` must be a number in \(0, 1\]"),
-    (lambda: SEL.risk_at_coverage(_S, _C, coverage="0.8"), r"`coverage` must be a number in \(0, 1\]"),
-    (lambda: SEL.risk_at_coverage(_S, _C, coverage=float("nan")), r"`coverage` must be a number in \(0, 1\]"),
-    (lambda: SEL.risk_at_coverage(_S, _C, higher_is_confident=1), r"`higher_is_confident` must be a bool"),
-    (lambda: SEL.risk_at_coverage(_S.float().unsqueeze(1), _C), r"`scores` must have shape \(N,\)"),
-    (lambda: SEL.coverage_at_risk(_S, _C, risk=-0.1), r"`risk` must be a number in \[0, 1\], got -0.1"),
-    (lambda: SEL.coverage_at_risk(_S, _C, risk=None), r"`risk` must be a number in \[0, 1\]"),
-    (lambda: SEL.coverage_at_risk(_S, _C, higher_is_confident="no"), r"`higher_is_confident` must be a bool"),
-    (lambda: SEL.coverage_at_risk(_S, _C[:2]), r"`correct` must have N=3 entries"),
-    (lambda: SEL.augrc(torch.tensor([0.1, float("inf")]), _C[:2]), r"`confidence_or_score` must be finite"),
-    (lambda: SEL.augrc(torch.tensor([1, 2]), _C[:2]), r"`confidence_or_score` must be a floating-point tensor"),
-    (lambda: SEL.augrc(_S, _C, higher_is_confident=0), r"`higher_is_confident` must be a bool"),
-    (lambda: SEL.selective_metrics(torch.empty(0), torch.empty(0, dtype=torch.bool)), r"`scores` must not be empty"),
-    (lambda: SEL.selective_metrics(_S, torch.tensor([0.0, 1.0, 1.0])), r"`correct` must be a bool tensor"),
-    (lambda: SEL.selective_metrics(_S, torch.tensor([0, 2, 1])), r"`correct` must hold only 0/1"),
-    (lambda: SEL.selective_metrics(_S, _C, higher_is_confident=None), r"`higher_is_confident` must be a bool"),
+    (lambda: RC.risk_at_coverage(_S, _C, coverage=0.0), r"`coverage` must be a number in \(0, 1\], got 0.0"),
+    (lambda: RC.risk_at_coverage(_S, _C, coverage=1.5), r"`coverage` must be a number in \(0, 1\], got 1.5"),
+    (lambda: RC.risk_at_coverage(_S, _C, coverage=True), r"`coverage` must be a number in \(0, 1\]"),
+    (lambda: RC.risk_at_coverage(_S, _C, coverage="0.8"), r"`coverage` must be a number in \(0, 1\]"),
+    (lambda: RC.risk_at_coverage(_S, _C, coverage=float("nan")), r"`coverage` must be a number in \(0, 1\]"),
+    (lambda: RC.risk_at_coverage(_S, _C, higher_is_confident=1), r"`higher_is_confident` must be a bool"),
+    (lambda: RC.risk_at_coverage(_S.float().unsqueeze(1), _C), r"`scores` must have shape \(N,\)"),
+    (lambda: RC.coverage_at_risk(_S, _C, risk=-0.1), r"`risk` must be a number in \[0, 1\], got -0.1"),
+    (lambda: RC.coverage_at_risk(_S, _C, risk=None), r"`risk` must be a number in \[0, 1\]"),
+    (lambda: RC.coverage_at_risk(_S, _C, higher_is_confident="no"), r"`higher_is_confident` must be a bool"),
+    (lambda: RC.coverage_at_risk(_S, _C[:2]), r"`correct` must have N=3 entries"),
+    (lambda: RC.augrc(torch.tensor([0.1, float("inf")]), _C[:2]), r"`confidence_or_score` must be finite"),
+    (lambda: RC.augrc(torch.tensor([1, 2]), _C[:2]), r"`confidence_or_score` must be a floating-point tensor"),
+    (lambda: RC.augrc(_S, _C, higher_is_confident=0), r"`higher_is_confident` must be a bool"),
+    (lambda: RC.selective_metrics(torch.empty(0), torch.empty(0, dtype=torch.bool)), r"`scores` must not be empty"),
+    (lambda: RC.selective_metrics(_S, torch.tensor([0.0, 1.0, 1.0])), r"`correct` must be a bool tensor"),
+    (lambda: RC.selective_metrics(_S, torch.tensor([0, 2, 1])), r"`correct` must hold only 0/1"),
+    (lambda: RC.selective_metrics(_S, _C, higher_is_confident=None), r"`higher_is_confident` must be a bool"),
 ])
 def test_selective_metrics_reject_invalid_input(call, match) -> None:
     with pytest.raises(ValueError, match=match):
