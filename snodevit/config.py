@@ -23,12 +23,14 @@ RankMode = Literal["fixed", "adaptive"]
 SolverType = Literal["euler", "heun"]
 StemType = Literal["patch", "conv"]
 PoolType = Literal["cls", "mean"]
+MagnitudeInput = Literal["tokens", "features"]
 
 ATTENTION_TYPES: tuple[str, ...] = get_args(AttentionType)
 SOLVER_TYPES: tuple[str, ...] = get_args(SolverType)
 STEM_TYPES: tuple[str, ...] = get_args(StemType)
 POOL_TYPES: tuple[str, ...] = get_args(PoolType)
 RANK_MODES: tuple[str, ...] = get_args(RankMode)
+MAGNITUDE_INPUTS: tuple[str, ...] = get_args(MagnitudeInput)
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -71,6 +73,7 @@ class SNodeViTConfig:
     noise_blocks: int = 0  # diffusion only in the last noise_blocks blocks; the earlier (ODE) blocks run once per image for all samples; 0 = every block
     diffusion_scale: float = 1.0  # upper bound of the diffusion gate sigma(t); 0.1 gave 30x smaller epistemic spread at equal accuracy
     ood_diffusion_scale: float = 0.0  # SDE-Net: > 0 scales every block's noise by this * c(x), c(x) in (0, 1) a per-image magnitude; 0 = off
+    magnitude_input: MagnitudeInput = "tokens"  # what c(x) reads: the embedded "tokens", or the pooled "features" of every layer before the first noise block
     time_embed_dim: int = 32  # sinusoidal embedding width of t fed to the TimeNet
     time_hidden_dim: int = 64  # hidden width of each block's TimeNet
     dropout: float = 0.0  # dropout on attention output and MLP (0 for the SDE model; used by the MC-dropout baseline)
@@ -82,6 +85,7 @@ class SNodeViTConfig:
         _check_choice("stem", self.stem, STEM_TYPES)
         _check_choice("pool", self.pool, POOL_TYPES)
         _check_choice("rank_mode", self.rank_mode, RANK_MODES)
+        _check_choice("magnitude_input", self.magnitude_input, MAGNITUDE_INPUTS)
         for name in ("image_size", "in_channels", "patch_size", "num_classes", "dim", "depth", "num_heads", "rank",
                      "num_steps", "time_embed_dim", "time_hidden_dim", "linformer_k", "performer_features",
                      "nystrom_landmarks", "hybrid_window", "hybrid_dilation"):
@@ -143,6 +147,15 @@ class SNodeViTConfig:
     def ood_diffusion(self) -> bool:
         """True when the diffusion magnitude depends on the image (SDE-Net style, ``ood_diffusion_scale > 0``)."""
         return self.ood_diffusion_scale > 0
+
+    @property
+    def samples_share_all_but_last_step(self) -> bool:
+        """True when the Monte Carlo samples differ only by the noise of one Euler step in the last block: every
+        earlier block is an ODE block run once per image, and the last block's drift is evaluated once at the state
+        the samples share (``SDEBlock.forward_shared``). A sample then costs a few elementwise operations, not a
+        block, and passes can hold many more images."""
+        return (self.stochastic and self.first_noise_block == self.depth - 1 and self.num_steps == 1
+                and self.solver == "euler")
 
     @property
     def num_noise_blocks(self) -> int:
@@ -255,6 +268,16 @@ def snodevit_mnist(**overrides: Any) -> SNodeViTConfig:
     """The shipped model's architecture (``models/snodevit-mnist``): ``tiny`` on 28x28 grayscale digits, with one
     Euler-Maruyama step per block (the demo's training budget: half the cost of the default two steps)."""
     return tiny(**{**MNIST_OVERRIDES, "num_steps": 1, **overrides})
+
+
+@register_variant
+def snodevit_mnist_tail(**overrides: Any) -> SNodeViTConfig:
+    """``snodevit_mnist`` with a stochastic tail (what `snodevit tail` makes of it): five ODE blocks run once per
+    image, one stochastic block whose samples share its drift, and noise scaled by a magnitude c(x) read from the ODE
+    blocks' pooled features (``magnitude_input="features"``, fitted by :mod:`snodevit.training.tail` to grow off the
+    training distribution). Thirty-two samples cost about 1.5 deterministic passes."""
+    return snodevit_mnist(**{"noise_blocks": 1, "ood_diffusion_scale": 8.0, "magnitude_input": "features",
+                             **overrides})
 
 
 def list_variants() -> list[str]:

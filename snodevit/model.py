@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from snodevit.config import SNodeViTConfig, get_config
-from snodevit.nn.sde import DiffusionMagnitude, SDEBlock
+from snodevit.nn.sde import DiffusionMagnitude, FeatureMagnitude, SDEBlock
 
 
 class ForwardAux(NamedTuple):
@@ -73,7 +73,10 @@ class SNodeViT(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
         self._init_weights()
         # after _init_weights, which would overwrite its starting bias
-        self.diffusion_head = DiffusionMagnitude(cfg.dim) if cfg.ood_diffusion else None
+        self.diffusion_head: nn.Module | None = None
+        if cfg.ood_diffusion:
+            self.diffusion_head = (FeatureMagnitude(1 + cfg.first_noise_block, cfg.gate_feature_dim)
+                                   if cfg.magnitude_input == "features" else DiffusionMagnitude(cfg.dim))
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -115,12 +118,32 @@ class SNodeViT(nn.Module):
                              f"got {tuple(noise.shape)}")
 
     # ----------------------------------------------------------------------------------------------- SDE-Net
+    @property
+    def magnitude_from_features(self) -> bool:
+        """Whether c(x) reads the pooled features of the layers before the first noise block (not the tokens)."""
+        return self.diffusion_head is not None and self.cfg.magnitude_input == "features"
+
     def diffusion_magnitude(self, tokens: Tensor) -> Tensor | None:
-        """Per-image noise multiplier ``ood_diffusion_scale * c(x)``, (B,), from embedded tokens (B, N, D);
-        None when the diffusion does not depend on the image."""
+        """Per-image noise multiplier ``ood_diffusion_scale * c(x)``, (B,): from the embedded tokens (B, N, D), or,
+        with ``magnitude_input="features"``, from the pooled features (B, G, 4 D) of the layers before the first
+        noise block; None when the diffusion does not depend on the image."""
         if self.diffusion_head is None:
             return None
         return self.cfg.ood_diffusion_scale * torch.sigmoid(self.diffusion_head(tokens))
+
+    def prefix_features(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The deterministic prefix of ``images`` (B, C, H, W): the tokens entering the first noise block
+        (B, N, D) and the pooled features (B, 1 + first_noise_block, 4 D) of the embedding and each ODE block
+        (what a ``magnitude_input="features"`` head reads)."""
+        self._check_input(images)
+        tokens = self.embed(images)
+        feats = [quadrant_pool(tokens).unsqueeze(1)]
+        shared = self.cfg.first_noise_block
+        if shared:
+            tokens, aux = self.integrate(tokens, None, stop=shared, final_norm=False, need_features=True)
+            assert aux.features is not None
+            feats.append(aux.features)
+        return tokens, torch.cat(feats, dim=1)
 
     def ood_diffusion_loss(self, images: Tensor, ood_images: Tensor) -> Tensor:
         """SDE-Net's diffusion loss: BCE(c(x), 0) on ``images`` plus BCE(c(x'), 1) on ``ood_images``.
@@ -142,14 +165,16 @@ class SNodeViT(nn.Module):
             raise ValueError("ood_diffusion_loss needs a model with ood_diffusion_scale > 0")
         self._check_input(images)
         self._check_input(ood_images)
-        was_training = self.stem.training
-        self.stem.eval()
+        was_training = self.training
+        self.eval()  # the stem's batch norm and the blocks' dropout as served
         try:
             with torch.no_grad():
-                tokens = self.embed(torch.cat((images, ood_images)))  # (B + B', N, D)
+                both = torch.cat((images, ood_images))
+                head_input = self.prefix_features(both)[1] if self.magnitude_from_features else self.embed(both)
         finally:
-            self.stem.train(was_training)
-        logits = self.diffusion_head(tokens).float()  # (B + B',)
+            self.train(was_training)
+        self.diffusion_head.train(was_training)
+        logits = self.diffusion_head(head_input).float()  # (B + B',)
         b = images.shape[0]
         bce = torch.nn.functional.binary_cross_entropy_with_logits
         return bce(logits[:b], torch.zeros_like(logits[:b])) + bce(logits[b:], torch.ones_like(logits[b:]))
@@ -208,9 +233,28 @@ class SNodeViT(nn.Module):
             noise = self.draw_noise(b, 1, generator)[0]
         elif noise is not None:
             self._check_noise(noise.unsqueeze(0), b, 1)
-        tokens = self.embed(images)
         if not self.cfg.stochastic:
             noise = None
+        if self.magnitude_from_features and noise is not None:
+            if runner is not None:
+                raise ValueError("a model whose diffusion magnitude reads its prefix features trains with the "
+                                 "standard backprop only (its tail is trained by snodevit.training.tail)")
+            shared = self.cfg.first_noise_block
+            tokens = self.embed(images)
+            feats = quadrant_pool(tokens).unsqueeze(1)  # (B, 1, 4 D)
+            pre = None
+            if shared:
+                tokens, pre = self.integrate(tokens, None, need_weights, stop=shared, final_norm=False,
+                                             need_features=True)
+                assert pre.features is not None
+                feats = torch.cat((feats, pre.features), dim=1)  # (B, 1 + shared, 4 D)
+            noise = noise * self.diffusion_magnitude(feats).view(b, 1, 1, 1, 1).to(noise.dtype)
+            tokens, aux = self.integrate(tokens, noise, need_weights, start=shared)
+            if pre is not None:
+                attn = aux.attention if pre.attention is None else torch.cat((pre.attention, aux.attention), dim=1)
+                aux = ForwardAux(attn, pre.reg + aux.reg)
+            return (tokens, aux) if return_aux else tokens
+        tokens = self.embed(images)
         scale = self.diffusion_magnitude(tokens) if noise is not None else None
         if scale is not None:
             noise = noise * scale.view(b, 1, 1, 1, 1).to(noise.dtype)  # (B, L, K, N, m)
@@ -259,24 +303,25 @@ class SNodeViT(nn.Module):
         b = images.shape[0]
         noise, s = self._sample_noise(images, num_samples, noise, generator)
         tokens = self.embed(images)  # (B, N, D), computed once for all samples
-        scale = self.diffusion_magnitude(tokens) if noise is not None else None
-        if scale is not None and noise is not None:
-            noise = noise * scale.view(1, b, 1, 1, 1, 1).to(noise.dtype)  # (S, B, L, K, N, m)
-        shared_feats = [quadrant_pool(tokens).unsqueeze(1)] if return_features else []  # (B, 1, 4 D)
+        scale = None
+        if noise is not None and not self.magnitude_from_features:
+            scale = self.diffusion_magnitude(tokens)
+        shared_feats = [quadrant_pool(tokens).unsqueeze(1)] if (return_features or self.magnitude_from_features) else []
         # the ODE blocks before the first diffusion block are deterministic: run once per image, shared by the
         # samples (none in a model without diffusion, whose S passes MC dropout tells apart)
         shared = self.cfg.first_noise_block if self.cfg.stochastic else 0
         prefix_attn = None
         if shared:
             tokens, prefix = self.integrate(tokens, None, return_attention, stop=shared, final_norm=False,
-                                            need_features=return_features)
+                                            need_features=bool(shared_feats))
             prefix_attn = prefix.attention
             if prefix.features is not None:
                 shared_feats.append(prefix.features)  # (B, shared, 4 D)
-        n, d = tokens.shape[1:]
-        tokens = tokens.unsqueeze(0).expand(s, b, n, d).reshape(s * b, n, d)  # (S*B, N, D)
-        folded = noise.reshape(s * b, *noise.shape[2:]) if (noise is not None and self.cfg.stochastic) else None
-        tokens, aux = self.integrate(tokens, folded, return_attention, start=shared, need_features=return_features)
+        if noise is not None and self.magnitude_from_features:
+            scale = self.diffusion_magnitude(torch.cat(shared_feats, dim=1))
+        if scale is not None and noise is not None:
+            noise = noise * scale.view(1, b, 1, 1, 1, 1).to(noise.dtype)  # (S, B, L, K, N, m)
+        tokens, aux = self._sample_blocks(tokens, noise, s, shared, return_attention, return_features)
         out: tuple[Tensor, ...] = (self.forward_head(tokens).reshape(s, b, -1),)  # (S, B, classes)
         if return_attention:
             assert aux.attention is not None
@@ -286,6 +331,21 @@ class SNodeViT(nn.Module):
             prefix_f = torch.cat(shared_feats, dim=1)  # (B, 1 + shared, 4 D)
             out += (_unfold_samples(aux.features, prefix_f, s, b),)  # (S, B, F, 4 D)
         return out[0] if len(out) == 1 else out
+
+    def _sample_blocks(self, tokens: Tensor, noise: Tensor | None, s: int, start: int, need_weights: bool,
+                       need_features: bool) -> tuple[Tensor, ForwardAux]:
+        """The blocks from ``start`` on for S samples of the shared tokens (B, N, D): the normed tokens
+        (S*B, N, D), samples first, and their auxiliary outputs (attention and features of these blocks)."""
+        b, n, d = tokens.shape
+        if noise is not None and self.cfg.samples_share_all_but_last_step:
+            # one Euler step from the state every sample shares: its drift once, per sample only the noise term
+            tokens, aux = self.blocks[-1].forward_shared(tokens, noise[:, :, 0], need_weights)
+            pooled = quadrant_pool(tokens).unsqueeze(1) if need_features else None
+            weights = None if aux.weights is None else aux.weights.unsqueeze(1)  # (S*B, 1, N, N)
+            return self.norm(tokens), ForwardAux(weights, tokens.new_zeros(()), pooled)
+        tokens = tokens.unsqueeze(0).expand(s, b, n, d).reshape(s * b, n, d)  # (S*B, N, D)
+        folded = noise.reshape(s * b, *noise.shape[2:]) if (noise is not None and self.cfg.stochastic) else None
+        return self.integrate(tokens, folded, need_weights, start=start, need_features=need_features)
 
     def _sample_noise(self, images: Tensor, num_samples: int | None, noise: Tensor | None,
                       generator: torch.Generator | None) -> tuple[Tensor | None, int]:

@@ -18,10 +18,10 @@ from importlib.metadata import entry_points
 from types import ModuleType
 
 from snodevit.checkpoint import CheckpointError
-from snodevit.cli import calibrate, evaluate, info, score, train
+from snodevit.cli import calibrate, evaluate, info, score, tail, train
 from snodevit.cli.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, CLIError
 
-BUILT_IN: tuple[ModuleType, ...] = (info, train, evaluate, calibrate, score)
+BUILT_IN: tuple[ModuleType, ...] = (info, train, tail, evaluate, calibrate, score)
 ENTRY_POINT_GROUP = "snodevit.commands"
 
 __all__ = ["CLIError", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "build_parser", "main"]

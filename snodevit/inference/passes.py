@@ -59,7 +59,8 @@ def sample_in_passes(backend: SamplingBackend, images: Tensor, noise: Tensor, *,
         noise: (S, B, ...) standard normals.
         attention: also return the applied attention (S, B, depth, N, N).
         features: also return the pooled features of the OOD gate (S, B, G, D).
-        max_rows: the most rows per pass; None: ``CPU_ROWS_PER_PASS`` on a CPU, everything at once elsewhere.
+        max_rows: the most rows per pass; None: ``CPU_ROWS_PER_PASS`` on a CPU (that many images, whatever S, for a
+            model whose samples share all but the last Euler step), everything at once elsewhere.
         precision: "fp32", or "bf16" to run the passes under bf16 autocast (``snodevit.inference.precision``; already
             resolved, so never "auto").
 
@@ -78,7 +79,9 @@ def _sample_in_passes(backend: SamplingBackend, images: Tensor, noise: Tensor, a
                       max_rows: int | None) -> Tensor | tuple[Tensor, ...]:
     s, b = noise.shape[:2]
     if max_rows is None:
-        max_rows = CPU_ROWS_PER_PASS if images.device.type == "cpu" else s * b
+        cfg = getattr(backend, "cfg", None)
+        cheap = cfg is not None and cfg.samples_share_all_but_last_step  # a sample is no block: count images
+        max_rows = (CPU_ROWS_PER_PASS * (s if cheap else 1)) if images.device.type == "cpu" else s * b
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     flags = {"return_attention": attention, "return_features": features} if features else \

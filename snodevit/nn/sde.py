@@ -33,7 +33,7 @@ from snodevit.nn.attention import build_attention
 from snodevit.nn.solvers import NOISE_GENERAL, NOISE_NONE, SOLVERS, Solver, check_solver
 from snodevit.nn.timenet import TimeNet, TimeParams
 
-__all__ = ["SOLVERS", "BlockAux", "DiffusionMagnitude", "SDEBlock", "check_solver"]
+__all__ = ["SOLVERS", "BlockAux", "DiffusionMagnitude", "FeatureMagnitude", "SDEBlock", "check_solver"]
 
 class DiffusionMagnitude(nn.Module):
     """SDE-Net's data-dependent diffusion: the logit of a per-image magnitude c(x) from the embedded tokens.
@@ -57,6 +57,36 @@ class DiffusionMagnitude(nn.Module):
         """tokens (B, N, D) -> logits (B,) of c(x); c(x) = sigmoid(logit)."""
         h = self.token_mlp(tokens.detach()).mean(dim=1)  # (B, D)
         return self.out(h).squeeze(-1)
+
+
+class FeatureMagnitude(nn.Module):
+    """The per-image diffusion magnitude c(x) read from the pooled features of every layer before the noise.
+
+    The features (B, G, W) (the embedding and each ODE block, quadrant-pooled: ``SNodeViT.sample_logits``'s
+    ``return_features`` groups before the first noise block) are standardised with a per-feature mean and standard
+    deviation of the training images (buffers, set by the training that fits this head), then an MLP
+    ``Linear(G W, hidden) -> GELU -> Dropout -> Linear(hidden, 1)`` gives the logit of c(x). Reading every layer,
+    not only the embedded tokens, lets it see shapes as well as pixel statistics. The features are detached: only
+    this head is shaped by what trains it. The final bias starts at ``init_logit`` (c = 0.018).
+
+    References:
+        Kong et al. "SDE-Net: Equipping Deep Neural Networks with Uncertainty Estimates." ICML 2020.
+    """
+
+    def __init__(self, groups: int, width: int, hidden: int = 256, dropout: float = 0.2,
+                 init_logit: float = -4.0) -> None:
+        super().__init__()
+        self.register_buffer("feature_mean", torch.zeros(groups, width))
+        self.register_buffer("feature_std", torch.ones(groups, width))
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(groups * width, hidden), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.constant_(self.net[-1].bias, init_logit)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """features (B, G, W) -> logits (B,) of c(x)."""
+        z = (features.detach() - self.feature_mean) / self.feature_std
+        return self.net(z).squeeze(-1)
 
 
 class BlockAux(NamedTuple):
@@ -169,6 +199,35 @@ class SDEBlock(nn.Module):
         for k in range(self.num_steps):
             x = self.solver.step(sde, k, x, noise[:, k] if stochastic else None)
         return x, sde.aux()
+
+    def forward_shared(self, x: Tensor, noise: Tensor, need_weights: bool = False) -> tuple[Tensor, BlockAux]:
+        """One Euler-Maruyama step from a state that S samples share: the drift is evaluated once, per sample only
+        the diffusion term. Exactly :meth:`forward` of the expanded state (up to float rounding of the batch shape).
+
+        Args:
+            x: (B, N, D) tokens shared by every sample.
+            noise: (S, B, 1, N, m) standard normals, one step's.
+            need_weights: collect the applied attention (the same for every sample).
+
+        Returns:
+            The tokens of every sample at t = 1, (S*B, N, D), samples first; the auxiliary outputs, with the
+            attention expanded to (S*B, N, N).
+
+        Raises:
+            ValueError: a block with more than one step, another solver, or no diffusion.
+        """
+        if self.num_steps != 1 or self.solver.name != "euler" or self.noise_dim == 0:
+            raise ValueError("forward_shared is one Euler step of a stochastic block; use forward")
+        s, (b, n, d) = noise.shape[0], x.shape
+        tp = self.time_params(x.dtype)
+        sde = _BlockSDE(self, tp, need_weights)
+        prepared = sde.prepare(x)
+        det = torch.add(x, sde.drift(x, prepared, 0), alpha=sde.dt)  # (B, N, D)
+        g = sde.diffusion(prepared.unsqueeze(0), 0, noise[:, :, 0])  # (S, B, N, D)
+        aux = sde.aux()
+        weights = None if aux.weights is None else aux.weights.unsqueeze(0).expand(s, *aux.weights.shape)
+        weights = None if weights is None else weights.reshape(s * b, n, n)
+        return (det.unsqueeze(0) + g).reshape(s * b, n, d), BlockAux(weights, aux.reg)
 
     def time_params(self, dtype: torch.dtype) -> TimeParams:
         """The TimeNet's parameters at every point of the block's time grid, (K + 1, ...)."""
