@@ -91,6 +91,10 @@ SECTION_NOTES: dict[str, str] = {
         "another handwriting set, heavy pixel noise) a good decision either accepts few or accepts mostly right "
         "answers; on far-OOD sets (noise, photographs, blank images, inverted digits, letters) it should accept "
         "almost nothing."),
+    "decisions_under_shift_one_sample": (
+        "The same decisions from one Monte Carlo sample per image (the first of each image's samples above), under "
+        "the thresholds fitted for one sample on the calibration split: what the samples add is the difference "
+        "between this table and the one above."),
     "shift": (
         "The test images are rotated by increasing angles, which moves them away from the training data. "
         "Accuracy is expected to fall; a trustworthy model becomes less confident at the same pace, so its ECE "
@@ -102,6 +106,7 @@ SECTION_NOTES: dict[str, str] = {
 SECTION_TITLES: dict[str, str] = {
     "ood_gate": "Out-of-distribution gate: the candidates side by side",
     "decisions_under_shift": "Decisions under shift",
+    "decisions_under_shift_one_sample": "Decisions under shift from one sample",
 }
 
 # Captions for figures, matched by substrings of the figure name (first match wins).

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from snodevit.data import DEFAULT_ALLOWED_FORMATS
 from snodevit.inference.backends import LoadedModel
+from snodevit.inference.fitted import Calibration
 
 from .schemas import CalibrationFigures, CalibrationInfo, Limits, MetadataResponse, ModelInfo, OodGateInfo
 from .settings import ServiceSettings
@@ -42,6 +43,21 @@ def calibration_figures(loaded: LoadedModel) -> CalibrationFigures | None:
         return None
 
 
+def calibration_warnings(cal: Calibration) -> list[str]:
+    """What a user should know before trusting this model's decisions (``/metadata`` calibration.warnings)."""
+    if not cal.is_fitted:
+        return ["the model is not calibrated: confidences are raw, no image is judged out of distribution, and "
+                "every image is accepted; run `snodevit calibrate`"]
+    out = []
+    if cal.ood_gate is None:
+        out.append("no out-of-distribution gate is fitted: images the model was not made for are judged by "
+                   "confidence alone and can be accepted; run `snodevit calibrate` with a --gate-score")
+    if not cal.count_rules:
+        out.append("the thresholds were fitted at one sample count and apply unchanged to every other; re-run "
+                   "`snodevit calibrate` to fit them for each count")
+    return out
+
+
 def metadata_response(loaded: LoadedModel, settings: ServiceSettings, *, info: ModelInfo,
                       figures: CalibrationFigures | None, auto_max_samples: int,
                       uploads: dict[str, str]) -> MetadataResponse:
@@ -67,7 +83,8 @@ def metadata_response(loaded: LoadedModel, settings: ServiceSettings, *, info: M
             alphas=fitted_alphas(loaded), conformal_thresholds=written["conformal_thresholds"],
             decision_score=cal.decision_score, decision_threshold=written["decision_threshold"],
             target_risk=cal.target_risk, figures=figures,
-            ood_gate=None if cal.ood_gate is None else OodGateInfo.model_validate(cal.ood_gate.summary())),
+            ood_gate=None if cal.ood_gate is None else OodGateInfo.model_validate(cal.ood_gate.summary()),
+            count_rules=written.get("count_rules", {}), warnings=calibration_warnings(cal)),
         limits=Limits(max_bytes=s.max_bytes, max_pixels=s.max_pixels, max_request_bytes=s.max_request_bytes,
                       max_single_request_bytes=s.max_single_request_bytes, max_images=s.max_images,
                       num_samples_min=1, num_samples_max=s.max_num_samples, num_samples_default=s.num_samples,

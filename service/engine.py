@@ -268,9 +268,12 @@ class Engine:
         gate = pred.ood_gate
         # a ratio reads the same for every model; it needs a positive finite threshold (true of the feature-density
         # and mutual-information gates; an energy gate's threshold may be negative, and is not observed)
-        if gate is not None and pred.ood_score is not None and math.isfinite(gate.threshold) and gate.threshold > 0:
-            for score in pred.ood_score.tolist():
-                m.ood_ratio.observe(score / gate.threshold)
+        if gate is not None and pred.ood_score is not None:
+            thresholds = (pred.gate_thresholds.tolist() if pred.gate_thresholds is not None
+                          else [gate.threshold] * len(pred.ood_score))
+            for score, threshold in zip(pred.ood_score.tolist(), thresholds):
+                if math.isfinite(threshold) and threshold > 0:
+                    m.ood_ratio.observe(score / threshold)
 
     async def _with_timeout(self, awaitable: Any) -> Any:
         try:

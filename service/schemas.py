@@ -303,6 +303,12 @@ class CalibrationInfo(BaseModel):
                                          "without one, and every input is judged by confidence alone")
     figures: CalibrationFigures | None = Field(description="what `snodevit calibrate` measured on the test split; "
                                                "null for a model without them (uncalibrated)")
+    count_rules: dict[str, dict[str, Threshold | None]] = Field(
+        default_factory=dict, description="samples n -> the decision_threshold and gate_threshold fitted for "
+        "answers of n samples; an answer of n samples uses the largest fitted count <= n. Empty for a model "
+        "calibrated before count rules: its thresholds, fitted at one count, then apply to every count")
+    warnings: list[str] = Field(default_factory=list, description="what a user should know before trusting the "
+                                "decisions: a missing gate, missing count rules, a missing calibration")
 
 
 class Limits(BaseModel):

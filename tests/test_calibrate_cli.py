@@ -38,7 +38,7 @@ TINY = dict(dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=
 QUICK_IMAGES, QUICK_SAMPLES = 200, 4  # what --quick uses (snodevit.evaluation.quick_config)
 TARGET_RISK = 0.9  # a random model is right 1 time in 10: a reachable target, so the threshold is finite
 SECTIONS = ("goals", "temperature", "calibration", "conformal", "selective", "misclassification", "shift",
-            "domain_shift", "ood", "ood_gate", "decisions_under_shift", "setup")
+            "domain_shift", "ood", "ood_gate", "decisions_under_shift", "decisions_under_shift_one_sample", "setup")
 FIGURES = ("calibration_reliability", "calibration_confidence_histogram", "selective_risk_coverage",
            "misclassification_max_probability", "misclassification_entropy", "misclassification_mutual_information",
            "misclassification_aleatoric", "shift_rotation", "ood_scores", "decisions_under_shift_rotation",

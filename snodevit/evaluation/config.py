@@ -33,6 +33,16 @@ GATE_CANDIDATES: tuple[str, ...] = ("feature_density", "energy", "mutual_informa
                                     "max_probability", "feature_density|mutual_information")
 
 
+#: Sample counts whose decision and gate thresholds `snodevit calibrate` fits (up to its own S, which is always
+#: fitted): one sample, small fixed counts, and the counts at which adaptive sampling stops (its rounds of 8).
+FITTED_COUNTS: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32)
+
+
+def fitted_counts(num_samples: int) -> tuple[int, ...]:
+    """The counts fitted by a calibration at ``num_samples`` samples: FITTED_COUNTS up to it, and it."""
+    return tuple(sorted({n for n in FITTED_COUNTS if n <= num_samples} | {num_samples}))
+
+
 @dataclass(frozen=True)
 class CalibrateConfig:
     """What ``snodevit calibrate`` fits and how much data it looks at.

@@ -30,7 +30,7 @@ from calibration.conformal import conformal_quantile_index
 
 from snodevit.data import (DIGIT_CLASSES, DatasetBundle, constant_images, inverted_images, letter_images,
     load_dataset, normalize, photo_crops, pixel_noise_images, resize_tensor, rotate_images, uniform_noise_images)
-from snodevit.evaluation.config import FAR_OOD_SETS, CalibrateConfig
+from snodevit.evaluation.config import FAR_OOD_SETS, CalibrateConfig, fitted_counts
 from snodevit.inference.backends import LoadedModel
 from snodevit.inference.passes import draw_noise, sample_in_passes
 from snodevit.inference.summary import UncertaintySummary, summarize
@@ -85,6 +85,21 @@ class Pass:
     density: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # candidate -> (N,) mean over samples
     summary: UncertaintySummary | None = None
     temperature: float | None = None
+    # fewer samples n -> the feature-density score of the mean over each image's first n samples, (N,)
+    density_by_count: dict[int, Tensor] = dataclasses.field(default_factory=dict)
+
+    def at_count(self, n: int) -> Pass:
+        """The pass an answer of the first ``n`` samples would have given (each image's noise is drawn sample by
+        sample, so those are exactly the samples of an n-sample run), scaled at this pass's temperature when known.
+
+        Raises:
+            KeyError: ``n`` is below S and no density score was kept for it.
+        """
+        if n == self.logits.shape[0]:
+            return self
+        density = {"feature_density": self.density_by_count[n]} if "feature_density" in self.density else {}
+        out = Pass(self.logits[:n], self.labels, density)
+        return out.scale(self.temperature) if self.temperature is not None else out
 
     def scale(self, temperature: float) -> Pass:
         """Summarise the logits at ``temperature``, as the service does; returns ``self``."""
@@ -145,6 +160,13 @@ class Passes:
     pixel_noise: Pass  # the test split under heavy pixel noise (labelled)
     ood: dict[str, Pass]  # far-OOD set name -> its pass (labels are placeholders, but for inverted digits)
 
+    def at_count(self, n: int) -> Passes:
+        """Every pass as :meth:`Pass.at_count` of ``n`` samples."""
+        def at(p: Pass | None) -> Pass | None:
+            return None if p is None else p.at_count(n)
+        return Passes(at(self.calibration), at(self.test), {a: at(p) for a, p in self.rotated.items()},  # type: ignore[arg-type,misc]
+                      at(self.digits), at(self.pixel_noise), {k: at(p) for k, p in self.ood.items()})  # type: ignore[arg-type]
+
     def named(self) -> dict[str, Pass]:
         """Every evaluated set by display name: test, rotations, digits, pixel noise, then the far-OOD sets."""
         out = {"test": self.test}
@@ -191,13 +213,20 @@ class Runner:
     def run(self, name: str, images: Tensor, labels: Tensor) -> Pass:
         """Raw logits of ``images`` (uint8 (N, C, H, W)) and the mean per-sample score of every fitted density."""
         logits, density = [], {k: [] for k in self.densities}
+        counts = [n for n in fitted_counts(self.cfg.num_samples) if n < self.cfg.num_samples]
+        by_count: dict[int, list[Tensor]] = {n: [] for n in counts}
         for out in self._batches(name, images, self.cfg.num_samples, bool(self.densities)):
             logits.append(out[0].cpu())
             for key, (fd, groups) in self.densities.items():
                 # as OodGate.image_scores: the density of the mean feature over the samples
-                density[key].append(fd.score(out[-1][:, :, groups].cpu().double().mean(dim=0)))  # (B,)
-        return Pass(torch.cat(logits, dim=1), labels.to(torch.int64),
-                    {k: torch.cat(v) for k, v in density.items()})  # (S, N, C)
+                feats = out[-1][:, :, groups].cpu().double()
+                density[key].append(fd.score(feats.mean(dim=0)))  # (B,)
+                if key == "feature_density":
+                    for n in counts:
+                        by_count[n].append(fd.score(feats[:n].mean(dim=0)))
+        return Pass(torch.cat(logits, dim=1), labels.to(torch.int64),  # (S, N, C)
+                    {k: torch.cat(v) for k, v in density.items()},
+                    density_by_count={n: torch.cat(v) for n, v in by_count.items() if v})
 
     def fit_densities(self, train: Tensor, train_labels: Tensor) -> None:
         """Fit the gate's densities on training features: every layer's, and the last block's alone."""

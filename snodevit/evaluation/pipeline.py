@@ -41,14 +41,14 @@ import calibration as cal
 from calibration.report import to_jsonable
 
 from snodevit.data import PIXEL_NOISE_STD, DatasetBundle
-from snodevit.evaluation.config import OOD_SCORES, OOD_SETS, CalibrateConfig
+from snodevit.evaluation.config import OOD_SCORES, OOD_SETS, CalibrateConfig, fitted_counts
 from snodevit.evaluation.figures import report_figures
 from snodevit.evaluation.goals import goals
 from snodevit.evaluation.passes import Pass, Passes, run_passes
 from snodevit.evaluation.sections import held_out_sections
 from snodevit.evaluation.sweeps import decision_rows, gate_section, ood_section, shift_sections
 from snodevit.inference.backends import LoadedModel
-from snodevit.inference.fitted import Calibration, OodGate
+from snodevit.inference.fitted import Calibration, CountRule, OodGate
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ def calibrate_model(loaded: LoadedModel, bundle: DatasetBundle, cfg: CalibrateCo
     sections["ood"] = ood_section(passes, fitted.temperature)
     sections["ood_gate"] = gate_section(passes, cfg)
     sections["decisions_under_shift"] = decision_rows(passes, fitted)
+    if cfg.num_samples > 1:  # the same decisions from one sample per image, under the thresholds fitted for one
+        sections["decisions_under_shift_one_sample"] = decision_rows(passes.at_count(1), fitted)
     setup = _setup(loaded, bundle, cfg, passes)
     setup |= {"inference_seconds": inference_seconds, "seconds": time.perf_counter() - started}
     metrics = {"goals": goals(sections, cfg), **sections, "setup": setup}
@@ -144,8 +146,23 @@ def fit_calibration(p: Pass, cfg: CalibrateConfig,
     gate = None if cfg.gate_score == "none" else _fit_gate(p, cfg, density)
     fitted = Calibration(temperature=temperature, conformal_score=cfg.conformal_score,
                          conformal_thresholds=thresholds, decision_score=cfg.decision_score,
-                         decision_threshold=rule.threshold, target_risk=cfg.target_risk, ood_gate=gate)
+                         decision_threshold=rule.threshold, target_risk=cfg.target_risk, ood_gate=gate,
+                         count_rules=_count_rules(p, cfg, gate is not None))
     return fitted, rule
+
+
+def _count_rules(p: Pass, cfg: CalibrateConfig, gated: bool) -> dict[int, CountRule]:
+    """The decision and gate thresholds fitted again on the first n samples of the scaled calibration pass, for
+    every n of :func:`fitted_counts` (n = S gives the calibration's own thresholds)."""
+    rules = {}
+    for n in fitted_counts(cfg.num_samples):
+        pn = p.at_count(n)
+        scores, higher = pn.decision_scores(cfg.decision_score)
+        rule = cal.fit_selective_threshold(scores, pn.correct, cfg.target_risk, higher_is_confident=higher,
+                                           score_name=cfg.decision_score)
+        gate = cal.fit_novelty_threshold(pn.gate_score(cfg.gate_score), cfg.gate_review_rate) if gated else None
+        rules[n] = CountRule(decision_threshold=rule.threshold, gate_threshold=gate)
+    return rules
 
 
 def _fit_gate(p: Pass, cfg: CalibrateConfig, density: cal.FeatureDensity) -> OodGate:
@@ -186,6 +203,11 @@ def _headline(fitted: Calibration, m: Mapping[str, Any], bundle: DatasetBundle, 
     head["ood_gate"] = None if fitted.ood_gate is None else fitted.ood_gate.summary()
     head["decisions"] = {name: {k: row[k] for k in ("accepted", "error_among_accepted", "review_out_of_distribution")}
                          for name, row in m["decisions_under_shift"].items()}
+    if "decisions_under_shift_one_sample" in m:
+        head["decisions_one_sample"] = {
+            name: {k: row[k] for k in ("accepted", "error_among_accepted", "review_out_of_distribution")}
+            for name, row in m["decisions_under_shift_one_sample"].items()}
+    head["count_rules"] = {str(n): r.to_dict() for n, r in sorted(fitted.count_rules.items())}
     head["seconds"] = m["setup"]["seconds"]
     return to_jsonable(head)
 

@@ -130,7 +130,8 @@ def decision_rows(passes: Passes, fitted: Calibration) -> dict[str, dict[str, fl
     out: dict[str, dict[str, float | None]] = {}
     for name, p in passes.named().items():
         score = None if gate is None else p.gate_score(gate.score)
-        accept, _, codes, _ = decide_outcomes(p.s, fitted, score)
+        decided = decide_outcomes(p.s, fitted, score, [p.logits.shape[0]] * len(p.labels))  # its own count's rule
+        accept, codes = decided.accept, decided.codes
         n = len(codes)
         accepted = int(accept.sum())
         row: dict[str, float | None] = {"images": float(n), "accuracy": None, "accepted": accepted / n,

@@ -137,7 +137,8 @@ def adaptive_logits(backend: SamplingBackend, images: Tensor, noise: Tensor, cal
         used[active] = end
         if end == rule.max_samples:
             break
-        done = settled(logits[:end, sel], cal, rule, None if feats is None else feats[:end, sel]).cpu()
+        done = settled(logits[:end, sel], cal.for_samples(end), rule,
+                       None if feats is None else feats[:end, sel]).cpu()
         active = active[~done]
         if active.numel() == 0:
             break

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from collections.abc import Sequence
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -17,13 +18,48 @@ REASON_CODES: tuple[str, ...] = get_args(ReasonCode)
 ACCEPTED, LOW_CONFIDENCE, OUT_OF_DISTRIBUTION = REASON_CODES
 
 
-def decide_outcomes(summary: UncertaintySummary, cal: Calibration,
-            ood_score: Tensor | None) -> tuple[Tensor, list[str], list[str], Tensor | None]:
-    """The decision of each image: the OOD gate first, then the confidence (or epistemic) rule.
+class Outcomes(NamedTuple):
+    """The decisions of a batch."""
+
+    accept: Tensor  # (B,) bool
+    reasons: list[str]  # the decision in words, with the numbers compared
+    codes: list[str]  # one of REASON_CODES per image
+    flagged: Tensor | None  # (B,) bool: the gate fired; None without a gate
+    gate_thresholds: Tensor | None  # (B,) float64: the gate threshold each image was compared with
+
+
+def decide_outcomes(summary: UncertaintySummary, cal: Calibration, ood_score: Tensor | None,
+                    counts: Sequence[int] | None = None) -> Outcomes:
+    """The decision of each image under the thresholds fitted for its number of samples (``counts``; with the
+    calibration's own thresholds when None or when it has no count rules: ``Calibration.for_samples``).
 
     Returns:
-        accept (B,) bool, reasons (text), reason codes (``REASON_CODES``), and the gate's flags (None without one).
+        The :class:`Outcomes`, in the order of the images.
     """
+    b = summary.probs.shape[0]
+    if counts is None or not cal.count_rules:
+        return _decide(summary, cal, ood_score)
+    accept = torch.zeros(b, dtype=torch.bool)
+    reasons, codes = [""] * b, [""] * b
+    flagged = None if cal.ood_gate is None else torch.zeros(b, dtype=torch.bool)
+    thresholds = None if cal.ood_gate is None else torch.zeros(b, dtype=torch.float64)
+    for n in sorted(set(counts)):
+        idx = torch.tensor([i for i, c in enumerate(counts) if c == n])
+        dev = idx.to(summary.probs.device)
+        part = UncertaintySummary(*(getattr(summary, f)[dev] for f in ("probs", "total", "aleatoric", "epistemic",
+                                                                       "std")))
+        out = _decide(part, cal.for_samples(n), None if ood_score is None else ood_score[idx.to(ood_score.device)])
+        accept[idx] = out.accept
+        for j, i in enumerate(idx.tolist()):
+            reasons[i], codes[i] = out.reasons[j], out.codes[j]
+        if flagged is not None and thresholds is not None and out.flagged is not None:
+            flagged[idx], thresholds[idx] = out.flagged, out.gate_thresholds
+    return Outcomes(accept, reasons, codes, flagged, thresholds)
+
+
+def _decide(summary: UncertaintySummary, cal: Calibration, ood_score: Tensor | None) -> Outcomes:
+    """The decision of each image under ``cal``'s thresholds: the OOD gate first, then the confidence (or
+    epistemic) rule."""
     b = summary.probs.shape[0]
     flagged = None
     if cal.ood_gate is not None:
@@ -52,4 +88,5 @@ def decide_outcomes(summary: UncertaintySummary, cal: Calibration,
         codes = [OUT_OF_DISTRIBUTION if f else c for f, c in zip(flagged.tolist(), codes)]
         reasons = [g if f else f"{r}; {g}" for g, f, r in zip(gate, flagged.tolist(), rule)]
         accept = accept & ~flagged
-    return accept, reasons, codes, flagged
+    thresholds = None if cal.ood_gate is None else torch.full((b,), cal.ood_gate.threshold, dtype=torch.float64)
+    return Outcomes(accept, reasons, codes, flagged, thresholds)

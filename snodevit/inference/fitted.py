@@ -4,6 +4,7 @@ out-of-distribution gate, stored as strict JSON with the model (meta.json, the O
 from __future__ import annotations
 
 import base64
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -164,10 +165,44 @@ class OodGate:
                 f"to send {self.review_rate:.1%} of in-distribution images to review)")
 
 
+@dataclass(frozen=True)
+class CountRule:
+    """The thresholds fitted for answers that use one number of Monte Carlo samples.
+
+    A mean over fewer samples is noisier: one sample's features lie farther from the class means than the mean of
+    32, and its confidence spreads more, so a threshold fitted at one count and applied at another reviews the
+    wrong share of images. `snodevit calibrate` fits both thresholds again for each count in
+    ``snodevit.evaluation.config.FITTED_COUNTS`` (from the first n samples of the same passes, since each image's
+    noise is drawn sample by sample) at the same target risk and review rate.
+    """
+
+    decision_threshold: float | None  # accept/review threshold (None: no decision rule)
+    gate_threshold: float | None  # out-of-distribution threshold (None: no gate)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: None if v is None else threshold_to_json(v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], n: str) -> "CountRule":
+        def read(key: str) -> float | None:
+            value = data.get(key)
+            return None if value is None else _threshold_from_json(value, f"count_rules[{n}] {key}")
+        return cls(decision_threshold=read("decision_threshold"), gate_threshold=read("gate_threshold"))
+
+
 def _precision_from_json(value: Any) -> Precision:
     if value not in get_args(Precision):
         raise ValueError(f"calibration precision must be one of {list(get_args(Precision))}, got {value!r}")
     return value  # type: ignore[no-any-return]
+
+
+def _count_rules_from_json(data: Any) -> dict[int, CountRule]:
+    if not data:
+        return {}
+    try:
+        return {int(n): CountRule.from_dict(r, n) for n, r in data.items()}
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"calibration count_rules is malformed ({e}); re-run `snodevit calibrate`") from None
 
 
 @dataclass(frozen=True)
@@ -189,6 +224,7 @@ class Calibration:
     target_risk: float | None = None  # error rate among accepted images the threshold was fitted for
     ood_gate: OodGate | None = None  # out-of-distribution gate, checked before the confidence rule; None: no gate
     precision: Precision = "fp32"  # the precision of the forward passes these figures were fitted on
+    count_rules: dict[int, CountRule] = field(default_factory=dict)  # samples -> thresholds fitted at that count
 
     @property
     def is_fitted(self) -> bool:
@@ -212,6 +248,8 @@ class Calibration:
                "decision_score": self.decision_score, "decision_threshold": decision, "target_risk": self.target_risk}
         if self.ood_gate is not None:  # files of models without a gate stay as they were
             out["ood_gate"] = self.ood_gate.to_dict()
+        if self.count_rules:
+            out["count_rules"] = {str(n): r.to_dict() for n, r in sorted(self.count_rules.items())}
         if self.is_fitted:
             out["precision"] = self.precision
         return out
@@ -234,7 +272,29 @@ class Calibration:
                    decision_threshold=None if decision is None else _threshold_from_json(decision, "decision_threshold"),
                    target_risk=None if data.get("target_risk") is None else float(data["target_risk"]),
                    ood_gate=None if not data.get("ood_gate") else OodGate.from_dict(data["ood_gate"]),
-                   precision=_precision_from_json(data.get("precision", "fp32")))
+                   precision=_precision_from_json(data.get("precision", "fp32")),
+                   count_rules=_count_rules_from_json(data.get("count_rules")))
+
+    def rule_count(self, num_samples: int) -> int | None:
+        """The fitted count whose thresholds apply to an answer of ``num_samples`` samples: the largest fitted
+        count <= it (the smallest fitted one below that); None for a calibration without count rules."""
+        if not self.count_rules:
+            return None
+        below = [n for n in self.count_rules if n <= num_samples]
+        return max(below) if below else min(self.count_rules)
+
+    def for_samples(self, num_samples: int) -> "Calibration":
+        """This calibration with the decision and gate thresholds fitted for ``num_samples`` samples
+        (:meth:`rule_count`); itself when it has no count rules (older files: one threshold for every count)."""
+        n = self.rule_count(num_samples)
+        if n is None:
+            return self
+        rule = self.count_rules[n]
+        gate = self.ood_gate
+        if gate is not None and rule.gate_threshold is not None:
+            gate = dataclasses.replace(gate, threshold=rule.gate_threshold)
+        decision = self.decision_threshold if self.decision_threshold is None else rule.decision_threshold
+        return dataclasses.replace(self, decision_threshold=decision, ood_gate=gate)
 
     @property
     def alphas(self) -> list[float]:

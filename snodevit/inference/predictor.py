@@ -64,6 +64,7 @@ class Prediction:
     out_of_distribution: Tensor | None = None  # (B,) bool: the gate fired, None without a gate
     ood_gate: OodGate | None = None  # the gate that made ``ood_score`` and ``out_of_distribution``
     precision: Precision = "fp32"  # what the forward passes ran in (the figures are fp32 whatever it is)
+    gate_thresholds: Tensor | None = None  # (B,) float64: the gate threshold fitted for each image's sample count
 
 
 @torch.no_grad()
@@ -108,11 +109,13 @@ def predict(backend: SamplingBackend, images: Tensor, *, num_samples: NumSamples
         assert isinstance(num_samples, int)
         drawn = _fixed_samples(backend, images, seeds, num_samples, cal, attention, used_precision)
     sets, used_alpha = _conformal_sets(drawn.summary, cal, alpha)
-    accept, reasons, codes, flagged = decide_outcomes(drawn.summary, cal, drawn.ood_score)
+    out = decide_outcomes(drawn.summary, cal, drawn.ood_score, drawn.counts)
     maps, rollout = _attention(drawn, pool, adaptive=num_samples == AUTO)
-    return Prediction(drawn.summary, drawn.logits, seeds, sets, used_alpha, accept, reasons, drawn.counts, maps,
-                      rollout, reason_codes=codes, ood_score=drawn.ood_score, out_of_distribution=flagged,
-                      ood_gate=cal.ood_gate, precision=used_precision)
+    gate = cal.for_samples(drawn.counts[0]).ood_gate if drawn.counts else cal.ood_gate
+    return Prediction(drawn.summary, drawn.logits, seeds, sets, used_alpha, out.accept, out.reasons, drawn.counts,
+                      maps, rollout, reason_codes=out.codes, ood_score=drawn.ood_score,
+                      out_of_distribution=out.flagged, ood_gate=gate, precision=used_precision,
+                      gate_thresholds=out.gate_thresholds)
 
 
 class _Drawn(NamedTuple):

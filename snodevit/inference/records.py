@@ -45,7 +45,9 @@ def prediction_records(pred: Prediction, class_names: list[str], top_k: int = 3)
             "reason_code": pred.reason_codes[b],
             "reason": pred.reasons[b],
             "ood": None if (gate is None or pred.ood_score is None or pred.out_of_distribution is None) else
-            {"score": float(pred.ood_score[b]), "threshold": threshold_to_json(gate.threshold),
+            {"score": float(pred.ood_score[b]),
+             "threshold": threshold_to_json(gate.threshold if pred.gate_thresholds is None
+                                            else float(pred.gate_thresholds[b])),
              "out_of_distribution": bool(pred.out_of_distribution[b]), "score_name": gate.score},
             "seed": pred.seeds[b],
             "num_samples": int(pred.num_samples[b]),  # samples this image used (adaptive: fewer)

@@ -57,13 +57,22 @@ for media_type in ("image/*", "application/octet-stream"):
 
 
 def _as_json(body: dict[str, Any]) -> dict[str, Any]:
-    """The form as the JSON instance its schema describes: a file is a string (empty when the file is empty)."""
+    """The form as the JSON instance its schema describes, as the wire carries it: a file is a string (empty when
+    the file is empty); a string in a JSON-encoded part goes out bare, so ``"3"`` arrives as the JSON number 3."""
     def value(v: Any) -> Any:
         if isinstance(v, list):
             return [value(x) for x in v]
         data = getattr(v, "data", v)  # schemathesis wraps drawn files in ``Binary``
         return ("x" if data else "") if isinstance(data, (bytes, bytearray)) else v
-    return {k: value(v) for k, v in body.items()}
+
+    def sent(k: str, v: Any) -> Any:
+        if k in FILE_FIELDS or not isinstance(v, str):
+            return value(v)
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    return {k: sent(k, v) for k, v in body.items()}
 
 
 def _form_schema(case: schemathesis.Case) -> dict[str, Any] | None:
@@ -73,7 +82,8 @@ def _form_schema(case: schemathesis.Case) -> dict[str, Any] | None:
 
 @schemathesis.hook
 def before_call(ctx: schemathesis.HookContext, case: schemathesis.Case, kwargs: dict) -> None:
-    """Two corrections of how schemathesis sends or labels a multipart case, so each check judges what was sent.
+    """Two corrections of how schemathesis sends or labels a multipart case, so each check judges what was sent
+    (the form as the service receives it: :func:`_as_json`).
 
     1. A form field that the document encodes as ``application/json`` goes out as JSON text, lists included.
        schemathesis writes a list as one part per element, so the negative case "seed is an array" ``[5]`` went
