@@ -125,6 +125,15 @@ def check_scores(scores: Any, name: str = "scores") -> None:
     check_float_tensor(scores, name, 1, "(N,)")
 
 
+def check_probabilities_like(p: Any, scores: Any, name: str) -> None:
+    """Raise unless ``p`` is a finite floating tensor of ``scores``' shape with every value in [0, 1]."""
+    check_scores(p, name)
+    if p.shape != scores.shape:
+        raise ValueError(f"`{name}` must have the shape of `scores` {tuple(scores.shape)}, got {tuple(p.shape)}")
+    if bool(((p < 0) | (p > 1)).any()):
+        raise ValueError(f"`{name}` must lie in [0, 1]")
+
+
 def check_correct(correct: Any, n: int, name: str = "correct") -> None:
     """Raise unless ``correct`` is an (N,) bool tensor, or an integer tensor of 0/1 values."""
     _check_tensor(correct, name)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._validation import check_bool_arg, check_closed_unit_arg, check_real_arg, check_scores, check_scores_correct
+from ._validation import (check_bool_arg, check_closed_unit_arg, check_probabilities_like, check_real_arg, check_scores,
+                          check_scores_correct)
 
 __all__ = ["SelectiveThreshold", "augrc", "aurc", "coverage_at_risk", "decide", "fit_selective_threshold",
            "risk_at_coverage", "risk_coverage_curve", "selective_figures", "selective_metrics"]
@@ -95,7 +96,8 @@ def _risk_coverage_compute(score: Tensor, correct: Tensor) -> tuple[Tensor, Tens
 
 
 def fit_selective_threshold(scores: Tensor, correct: Tensor, target_risk: float = 0.02,
-                            higher_is_confident: bool = True, score_name: str = "confidence") -> SelectiveThreshold:
+                            higher_is_confident: bool = True, score_name: str = "confidence",
+                            error_probabilities: Tensor | None = None) -> SelectiveThreshold:
     r"""The threshold with the largest calibration coverage whose selective risk is at most ``target_risk``.
 
     With the rule "accept if score >= t" (or <= t for uncertainty scores), over candidate thresholds t taken from
@@ -109,12 +111,20 @@ def fit_selective_threshold(scores: Tensor, correct: Tensor, target_risk: float 
     checked. If no threshold qualifies (even the single most confident group is too often wrong), the rule
     accepts nothing: ``threshold = +inf`` (``-inf`` for uncertainty scores), coverage 0, risk NaN.
 
+    The empirical risk of a few hundred calibration images rests on a handful of errors: with 500 images and a
+    1 % target, a split that happens to hold 5 errors accepts everything. With ``error_probabilities`` p_i (each
+    image's probability of being wrong, e.g. 1 - its temperature-scaled confidence), a threshold must also keep
+    their mean among the accepted, an estimate of the same risk that every accepted image informs, at most the
+    target.
+
     Args:
         scores: (N,) calibration scores.
         correct: (N,) bool, True where the prediction was right.
         target_risk: the highest acceptable error rate among accepted samples, in [0, 1].
         higher_is_confident: True for confidence-like scores, False for entropy-like ones.
         score_name: a label stored with the rule, e.g. ``"confidence"``.
+        error_probabilities: (N,) probabilities in [0, 1] that each prediction is wrong; None: the empirical risk
+            alone decides.
 
     Returns:
         A :class:`SelectiveThreshold`.
@@ -129,21 +139,28 @@ def fit_selective_threshold(scores: Tensor, correct: Tensor, target_risk: float 
         (0.6, 1.0, 0.25)
         >>> fit_selective_threshold(conf, torch.tensor([1, 1, 0, 1]), target_risk=0.2).coverage
         0.5
+        >>> p_wrong = torch.tensor([0.1, 0.2, 0.4, 0.5], dtype=torch.float64)  # their mean over all four: 0.3
+        >>> fit_selective_threshold(conf, torch.tensor([1, 1, 0, 1]), 0.25, error_probabilities=p_wrong).coverage
+        0.5
     """
     check_closed_unit_arg(target_risk, "target_risk")
     check_bool_arg(higher_is_confident, "higher_is_confident")
     if not isinstance(score_name, str) or not score_name:
         raise ValueError(f"`score_name` must be a non-empty string, got {score_name!r}")
     check_scores_correct(scores, correct)
-    threshold, coverage, risk = _fit_compute(scores, correct, float(target_risk), higher_is_confident)
+    if error_probabilities is not None:
+        check_probabilities_like(error_probabilities, scores, "error_probabilities")
+    threshold, coverage, risk = _fit_compute(scores, correct, float(target_risk), higher_is_confident,
+                                             error_probabilities)
     return SelectiveThreshold(threshold=threshold, score_name=score_name, higher_is_confident=higher_is_confident,
                               target_risk=float(target_risk), coverage=coverage, risk=risk,
                               n_calibration=scores.numel())
 
 
-def _fit_compute(scores: Tensor, correct: Tensor, target_risk: float,
-                 higher_is_confident: bool) -> tuple[float, float, float]:
-    """``(threshold, coverage, risk)`` of the widest tie-group cut whose risk is at most ``target_risk``.
+def _fit_compute(scores: Tensor, correct: Tensor, target_risk: float, higher_is_confident: bool,
+                 error_probabilities: Tensor | None = None) -> tuple[float, float, float]:
+    """``(threshold, coverage, risk)`` of the widest tie-group cut whose risk (and mean error probability, when
+    given) is at most ``target_risk``.
 
     When no cut qualifies: ``(+inf, 0.0, nan)`` (``-inf`` for uncertainty scores), a rule that accepts nothing.
     """
@@ -152,6 +169,9 @@ def _fit_compute(scores: Tensor, correct: Tensor, target_risk: float,
     order, _, end, cum_err = _tie_groups(s if higher_is_confident else -s, correct)
     risk = cum_err[end - 1] / end
     ok = risk <= target_risk + 1e-12
+    if error_probabilities is not None:
+        estimate = torch.cumsum(error_probabilities.double().cpu()[order], 0)[end - 1] / end
+        ok &= estimate <= target_risk + 1e-12
     if not bool(ok.any()):
         return (math.inf if higher_is_confident else -math.inf), 0.0, math.nan
     best = int(torch.nonzero(ok).max())  # groups are in accepting order, so the last qualifying covers most

@@ -38,7 +38,8 @@ TINY = dict(dim=24, depth=2, num_heads=2, rank=4, time_hidden_dim=16, noise_dim=
 QUICK_IMAGES, QUICK_SAMPLES = 200, 4  # what --quick uses (snodevit.evaluation.quick_config)
 TARGET_RISK = 0.9  # a random model is right 1 time in 10: a reachable target, so the threshold is finite
 SECTIONS = ("goals", "temperature", "calibration", "conformal", "selective", "misclassification", "shift",
-            "domain_shift", "ood", "ood_gate", "decisions_under_shift", "decisions_under_shift_one_sample", "setup")
+            "domain_shift", "ood", "ood_gate", "decisions_under_shift", "decisions_under_shift_one_sample", "samples_comparison",
+            "setup")
 FIGURES = ("calibration_reliability", "calibration_confidence_histogram", "selective_risk_coverage",
            "misclassification_max_probability", "misclassification_entropy", "misclassification_mutual_information",
            "misclassification_aleatoric", "shift_rotation", "ood_scores", "decisions_under_shift_rotation",
@@ -123,7 +124,8 @@ def test_fit_equals_the_calibration_package_on_independently_collected_logits(
         assert c.threshold_for(alpha) == pytest.approx(cal.fit_conformal_threshold(probs, labels, alpha, c.conformal_score),
                                                        abs=1e-6)
     conf = probs.max(dim=1)
-    rule = cal.fit_selective_threshold(conf.values, conf.indices == labels, TARGET_RISK)
+    rule = cal.fit_selective_threshold(conf.values, conf.indices == labels, TARGET_RISK,
+                                       error_probabilities=1 - conf.values)  # the calibrated-risk bound
     assert c.decision_threshold == pytest.approx(rule.threshold, abs=1e-6)
 
     # the test-split figures are those of the fitted T on the test logits

@@ -307,3 +307,39 @@ def test_selective_metrics_reject_invalid_input(call, match) -> None:
 def test_selective_doctests() -> None:
     result = doctest.testmod(SEL, verbose=False)
     assert result.attempted > 4 and result.failed == 0
+
+
+def _loop_fit_with_estimate(s: list[float], c: list[bool], p: list[float], target: float) -> float:
+    """Plain loop: the widest cut at a distinct score whose error rate and mean error probability are both <= target."""
+    best = 0.0
+    for t in sorted(set(s)):
+        acc = [i for i, v in enumerate(s) if v >= t]
+        risk = sum(not c[i] for i in acc) / len(acc)
+        est = sum(p[i] for i in acc) / len(acc)
+        if risk <= target + 1e-12 and est <= target + 1e-12:
+            best = max(best, len(acc) / len(s))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_error_probabilities_also_bound_the_fitted_rule(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    n = 60
+    scores = torch.rand(n, generator=g, dtype=torch.float64).round(decimals=1 if seed % 2 else 6)
+    correct = torch.rand(n, generator=g, dtype=torch.float64) < 0.3 + 0.7 * scores
+    p_wrong = (1 - scores) * torch.rand(n, generator=g, dtype=torch.float64)
+    for target in (0.05, 0.1, 0.2, 0.4):
+        rule = SEL.fit_selective_threshold(scores, correct, target, error_probabilities=p_wrong)
+        want = _loop_fit_with_estimate(scores.tolist(), correct.tolist(), p_wrong.tolist(), target)
+        assert rule.coverage == pytest.approx(want, abs=1e-12), target
+        assert rule.coverage <= SEL.fit_selective_threshold(scores, correct, target).coverage
+    # probabilities of zero leave the empirical rule as it was
+    zero = SEL.fit_selective_threshold(scores, correct, 0.2, error_probabilities=torch.zeros(n, dtype=torch.float64))
+    assert zero == SEL.fit_selective_threshold(scores, correct, 0.2)
+
+
+def test_error_probabilities_are_checked() -> None:
+    with pytest.raises(ValueError, match="shape of `scores`"):
+        SEL.fit_selective_threshold(_S, _C, 0.1, error_probabilities=torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        SEL.fit_selective_threshold(_S, _C, 0.1, error_probabilities=torch.full((3,), 1.5, dtype=torch.float64))

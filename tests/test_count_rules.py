@@ -75,7 +75,8 @@ def test_calibrate_fits_each_count_as_a_one_sample_pass_would(fitted: tuple[Path
     r = collect(loaded, ImageTensorDataset(images[:200], labels[:200], loaded.preprocessing), 1, seed=0,
                 batch_size=64, progress=False)
     s = summarize(r["logits"], c.temperature)
-    want = cal.fit_selective_threshold(s.confidence, s.prediction == r["labels"], 0.2).threshold
+    want = cal.fit_selective_threshold(s.confidence, s.prediction == r["labels"], 0.2,
+                                       error_probabilities=1 - s.confidence.double()).threshold
     assert c.count_rules[1].decision_threshold == pytest.approx(want, abs=1e-6)
     # the gate: the density score of the first sample's features alone
     x = normalize(resize_tensor(images[:200], loaded.preprocessing), loaded.preprocessing)
@@ -83,3 +84,50 @@ def test_calibrate_fits_each_count_as_a_one_sample_pass_would(fitted: tuple[Path
     gate_want = cal.fit_novelty_threshold(p.ood_score, c.ood_gate.review_rate)
     assert c.count_rules[1].gate_threshold == pytest.approx(gate_want, rel=1e-9)
     assert c.count_rules[1].gate_threshold != c.count_rules[4].gate_threshold
+
+
+def _pass(g: torch.Generator, n: int, s: int, shift: float) -> "Pass":
+    from snodevit.evaluation.passes import Pass
+    logits = torch.randn(s, n, 10, generator=g, dtype=torch.float64) * 2 + shift * torch.randn(1, n, 10, generator=g,
+                                                                                              dtype=torch.float64)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    logits[..., :] += 3.0 * torch.nn.functional.one_hot(labels, 10) * (1.0 - shift / 4)  # shifted sets: less right
+    return Pass(logits, labels).scale(1.3)
+
+
+def test_samples_comparison_counts_wrong_acceptances_at_equal_calibration_acceptance() -> None:
+    from snodevit.evaluation.passes import Passes
+    from snodevit.evaluation.sweeps import SAMPLE_COMPARISON_SETS, samples_comparison
+    from snodevit.inference.fitted import OodGate
+    g = torch.Generator().manual_seed(0)
+    s = 6
+    calib, test = _pass(g, 300, s, 0.0), _pass(g, 300, s, 0.0)
+    rotated = {a: _pass(g, 200, s, 2.0) for a in (30.0, 45.0, 90.0, 135.0, 180.0)}
+    passes = Passes(calib, test, rotated, _pass(g, 200, s, 3.0), _pass(g, 50, s, 3.0), {})
+    energy = lambda p: (-1.3 * torch.logsumexp(p.logits / 1.3, dim=-1)).mean(dim=0)  # noqa: E731
+    gate = OodGate(score="energy", threshold=float(energy(calib).quantile(0.97)), review_rate=0.03)
+    one = passes.at_count(1)
+    fitted = Calibration(temperature=1.3, decision_threshold=0.6, target_risk=0.05, ood_gate=gate,
+                         count_rules={1: CountRule(0.7, float(energy(one.calibration).quantile(0.97))),
+                                      s: CountRule(0.6, gate.threshold)})
+    out = samples_comparison(passes, fitted)
+    # the reference, a plain loop: the served rule's calibration share, then each count's threshold for that share
+    served = (calib.s.confidence >= 0.6) & (energy(calib) <= gate.threshold)
+    share = served.double().mean().item()
+    assert out["reduction"]["calibration_acceptance"] == share
+    for n, ps in ((s, passes), (1, one)):
+        thr = fitted.count_rules[n].gate_threshold
+        ok_cal = energy(ps.calibration) <= thr
+        k = round(share * 300)
+        t = sorted(ps.calibration.s.confidence[ok_cal].tolist(), reverse=True)[k - 1]
+        row = out[f"S={n}"]
+        assert row["confidence_threshold"] == t
+        total = 0
+        for name, p in zip(SAMPLE_COMPARISON_SETS, [ps.rotated[a] for a in (30.0, 45.0, 90.0, 135.0)] + [ps.digits]):
+            wrong = sum(1 for i in range(len(p.labels)) if energy(p)[i] <= thr and p.s.confidence[i] >= t
+                        and p.s.prediction[i] != p.labels[i])
+            assert row[f"{name}: wrong accepted"] == wrong
+            total += wrong
+        assert row["shifted: wrong accepted"] == total
+    one_w, many_w = out["S=1"]["shifted: wrong accepted"], out[f"S={s}"]["shifted: wrong accepted"]
+    assert out["reduction"]["wrong_accepted_fewer_than_one_sample"] == pytest.approx(1 - many_w / one_w)

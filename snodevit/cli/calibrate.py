@@ -50,6 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gate-review-rate", type=float, default=d.gate_review_rate,
                    help="share of in-distribution images the gate may send to review, in (0, 1) (default: "
                    "%(default)s)")
+    p.add_argument("--empirical-risk-only", action="store_true",
+                   help="fit the decision threshold on the calibration split's error count alone, without also "
+                        "bounding the mean of 1 - confidence among the accepted (fragile on a few hundred images)")
     p.add_argument("--seed", type=int, default=d.seed, help="image i of every pass is seeded with SEED + i")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--quick", action="store_true",
@@ -135,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
     options: dict[str, Any] = dict(alphas=tuple(args.alphas), target_risk=args.target_risk,
                                    decision_score=args.decision_score, conformal_score=args.conformal_score,
                                    seed=args.seed, batch_size=args.batch_size, gate_score=args.gate_score,
-                                   gate_review_rate=args.gate_review_rate)
+                                   gate_review_rate=args.gate_review_rate,
+                                   calibrated_risk=not args.empirical_risk_only)
     if args.num_samples is not None:
         options["num_samples"] = args.num_samples
     cfg = quick_config(**options) if args.quick else CalibrateConfig(**options)

@@ -46,7 +46,7 @@ from snodevit.evaluation.figures import report_figures
 from snodevit.evaluation.goals import goals
 from snodevit.evaluation.passes import Pass, Passes, run_passes
 from snodevit.evaluation.sections import held_out_sections
-from snodevit.evaluation.sweeps import decision_rows, gate_section, ood_section, shift_sections
+from snodevit.evaluation.sweeps import decision_rows, gate_section, ood_section, samples_comparison, shift_sections
 from snodevit.inference.backends import LoadedModel
 from snodevit.inference.fitted import Calibration, CountRule, OodGate
 
@@ -98,6 +98,7 @@ def calibrate_model(loaded: LoadedModel, bundle: DatasetBundle, cfg: CalibrateCo
     sections["decisions_under_shift"] = decision_rows(passes, fitted)
     if cfg.num_samples > 1:  # the same decisions from one sample per image, under the thresholds fitted for one
         sections["decisions_under_shift_one_sample"] = decision_rows(passes.at_count(1), fitted)
+        sections["samples_comparison"] = samples_comparison(passes, fitted)
     setup = _setup(loaded, bundle, cfg, passes)
     setup |= {"inference_seconds": inference_seconds, "seconds": time.perf_counter() - started}
     metrics = {"goals": goals(sections, cfg), **sections, "setup": setup}
@@ -116,7 +117,7 @@ def _setup(loaded: LoadedModel, bundle: DatasetBundle, cfg: CalibrateConfig, pas
         "ood_images_per_set": cfg.num_ood, "num_samples": cfg.num_samples, "seed": cfg.seed, "n_bins": cfg.n_bins,
         "alphas": list(cfg.alphas), "conformal_score": cfg.conformal_score, "decision_score": cfg.decision_score,
         "target_risk": cfg.target_risk, "rotation_angles": list(cfg.angles), "max_images": cfg.max_images,
-        "gate_score": cfg.gate_score, "gate_review_rate": cfg.gate_review_rate,
+        "gate_score": cfg.gate_score, "gate_review_rate": cfg.gate_review_rate, "calibrated_risk": cfg.calibrated_risk,
         "gate_training_images": min(len(bundle.train), cfg.max_train_images or len(bundle.train)),
         "pixel_noise_std": PIXEL_NOISE_STD}
 
@@ -137,9 +138,7 @@ def fit_calibration(p: Pass, cfg: CalibrateConfig,
     p.scale(temperature)
     thresholds = {str(a): cal.fit_conformal_threshold(p.s.probs, p.labels, a, cfg.conformal_score)
                   for a in cfg.alphas}
-    scores, higher = p.decision_scores(cfg.decision_score)
-    rule = cal.fit_selective_threshold(scores, p.correct, cfg.target_risk, higher_is_confident=higher,
-                                       score_name=cfg.decision_score)
+    rule = _selective_rule(p, cfg)
     if rule.coverage == 0.0:
         logger.warning("no %s threshold keeps the calibration error rate at %.1f%%: every image will be sent to "
                        "review", cfg.decision_score, 100 * cfg.target_risk)
@@ -151,15 +150,22 @@ def fit_calibration(p: Pass, cfg: CalibrateConfig,
     return fitted, rule
 
 
+def _selective_rule(p: Pass, cfg: CalibrateConfig) -> cal.SelectiveThreshold:
+    """The accept/review threshold of the scaled pass ``p`` at the target risk (with the calibrated-risk bound of
+    ``cfg.calibrated_risk``: the mean of 1 - confidence among the accepted at most the target too)."""
+    scores, higher = p.decision_scores(cfg.decision_score)
+    p_wrong = (1.0 - p.s.confidence.double()).clamp(0.0, 1.0) if cfg.calibrated_risk else None
+    return cal.fit_selective_threshold(scores, p.correct, cfg.target_risk, higher_is_confident=higher,
+                                       score_name=cfg.decision_score, error_probabilities=p_wrong)
+
+
 def _count_rules(p: Pass, cfg: CalibrateConfig, gated: bool) -> dict[int, CountRule]:
     """The decision and gate thresholds fitted again on the first n samples of the scaled calibration pass, for
     every n of :func:`fitted_counts` (n = S gives the calibration's own thresholds)."""
     rules = {}
     for n in fitted_counts(cfg.num_samples):
         pn = p.at_count(n)
-        scores, higher = pn.decision_scores(cfg.decision_score)
-        rule = cal.fit_selective_threshold(scores, pn.correct, cfg.target_risk, higher_is_confident=higher,
-                                           score_name=cfg.decision_score)
+        rule = _selective_rule(pn, cfg)
         gate = cal.fit_novelty_threshold(pn.gate_score(cfg.gate_score), cfg.gate_review_rate) if gated else None
         rules[n] = CountRule(decision_threshold=rule.threshold, gate_threshold=gate)
     return rules
@@ -207,6 +213,8 @@ def _headline(fitted: Calibration, m: Mapping[str, Any], bundle: DatasetBundle, 
         head["decisions_one_sample"] = {
             name: {k: row[k] for k in ("accepted", "error_among_accepted", "review_out_of_distribution")}
             for name, row in m["decisions_under_shift_one_sample"].items()}
+    if "samples_comparison" in m:
+        head["samples_comparison"] = m["samples_comparison"]
     head["count_rules"] = {str(n): r.to_dict() for n, r in sorted(fitted.count_rules.items())}
     head["seconds"] = m["setup"]["seconds"]
     return to_jsonable(head)

@@ -9,8 +9,10 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 from torch import Tensor
 
 import calibration as cal
@@ -147,3 +149,55 @@ def decision_rows(passes: Passes, fitted: Calibration) -> dict[str, dict[str, fl
             row["gate_auroc"] = cal.ood_detection(passes.test.gate_score(gate.score), score)["auroc"]
         out[name] = row
     return out
+
+
+#: Shifted sets of digits whose wrongly accepted answers the samples comparison counts: rotations of 30 degrees or
+#: more (180 is left out: a 6 turned over is a 9) and the other handwriting set.
+SAMPLE_COMPARISON_SETS = ("rotated 30", "rotated 45", "rotated 90", "rotated 135", "sklearn digits")
+
+
+def _accepted_at(p: Pass, gate_ok: Tensor, share: float) -> float:
+    """The confidence threshold at which ``share`` of ``p``'s images pass the gate and the threshold (the most
+    confident gate-passing images first; +inf when none may be accepted)."""
+    conf = p.s.confidence.double()[gate_ok].sort(descending=True).values
+    k = min(len(conf), round(share * len(p.labels)))
+    return float(conf[k - 1]) if k >= 1 else float("inf")
+
+
+def samples_comparison(passes: Passes, fitted: Calibration) -> dict[str, dict[str, float | None]]:
+    """Do the samples decide better than one? Wrong answers accepted on shifted digits by the served S and by one
+    sample, each with its own gate threshold (``Calibration.for_samples``) and a confidence threshold that accepts
+    the same share of the calibration split as the served rule does there (equal in-domain acceptance)."""
+    s = passes.calibration.logits.shape[0]
+    served = decide_outcomes(passes.calibration.s, fitted, _gate(passes.calibration, fitted),
+                             [s] * len(passes.calibration.labels))
+    share = float(served.accept.double().mean())
+    out: dict[str, dict[str, float | None]] = {}
+    for n, ps in ((s, passes), (1, passes.at_count(1))):
+        rule = fitted.for_samples(n)
+        gate_thr = math.inf if rule.ood_gate is None else rule.ood_gate.threshold
+
+        def ok(p: Pass) -> Tensor:
+            score = _gate(p, fitted)
+            return torch.ones(len(p.labels), dtype=torch.bool) if score is None else score <= gate_thr
+        t = _accepted_at(ps.calibration, ok(ps.calibration), share)
+        row: dict[str, float | None] = {"num_samples": float(n), "confidence_threshold": t}
+        named = ps.named()
+        for name in ("test", *SAMPLE_COMPARISON_SETS):
+            if name not in named:
+                continue
+            p = named[name]
+            accept = ok(p) & (p.s.confidence.double() >= t)
+            row[f"{name}: accepted"] = float(accept.double().mean())
+            row[f"{name}: wrong accepted"] = float((accept & ~p.correct).sum())
+        row["shifted: wrong accepted"] = sum(v for k, v in row.items() if k.endswith("wrong accepted")
+                                              and not k.startswith("test") and v is not None)
+        out[f"S={n}"] = row
+    one, many = out["S=1"]["shifted: wrong accepted"], out[f"S={s}"]["shifted: wrong accepted"]
+    out["reduction"] = {"calibration_acceptance": share,
+                        "wrong_accepted_fewer_than_one_sample": None if not one else 1.0 - float(many) / float(one)}
+    return out
+
+
+def _gate(p: Pass, fitted: Calibration) -> Tensor | None:
+    return None if fitted.ood_gate is None else p.gate_score(fitted.ood_gate.score)
