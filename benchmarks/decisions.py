@@ -21,7 +21,7 @@ agreement of the two backends' decisions is reported per set.
 
 Usage::
 
-    python benchmarks/decisions.py --model models/snodevit-mnist --out docs/decisions   # S = 32, seed 0
+    python benchmarks/decisions.py --model models/snodevit-mnist --out docs/decisions --compare-samples 1
     python benchmarks/decisions.py --model runs/demo --out runs/decisions --quick       # 40 images per set
 """
 
@@ -174,6 +174,8 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {row['images']:.0f} | {_pct(row['accuracy'])} | {_pct(row['accepted'])} | "
                      f"{_pct(row['error_among_accepted'])} | {_pct(row['review_out_of_distribution'])} | "
                      f"{_pct(row['review_low_confidence'])} |" + (f" {_pct(agree)} |" if agree is not None else ""))
+    if "compared" in result:
+        lines += render_comparison(result)
     lines += ["", "## Goals", "", "| goal | target | measured | met |", "|---|---|---:|---|"]
     for name, g in result["goals"].items():
         lines.append(f"| {name} | {g['goal']} | {_pct(g['measured'], 2)} | {'yes' if g['met'] else '**no**'} |")
@@ -194,6 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     rows: dict[str, dict[str, float | None]] = {}
     agreement: dict[str, float] = {}
+    compared: dict[str, dict[str, float | None]] = {}
     with tempfile.TemporaryDirectory(prefix="snodevit-decisions-") as tmp:
         root = Path(tmp)
         model_for = {"torch": str(args.model)}
@@ -213,6 +216,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if len(args.backends) > 1:
                 other = {r["path"]: r["decision"] for r in scored[args.backends[1]]}
                 agreement[name] = sum(other[r["path"]] == r["decision"] for r in first) / len(first)
+            if args.compare_samples:
+                compared[name] = summarize_rows(_score(folder, label_csv, model_for["torch"], "torch",
+                                                       root / f"set{i:02d}-cmp.jsonl", args.compare_samples, args.seed))
             print(f"{name:<18} accepted {_pct(rows[name]['accepted']):>8}  error among accepted "
                   f"{_pct(rows[name]['error_among_accepted']):>8}  OOD {_pct(rows[name]['review_out_of_distribution'])}",
                   file=sys.stderr)
@@ -224,7 +230,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": time.perf_counter() - started, "command": "python " + " ".join(sys.argv)}}
     if agreement:
         result["agreement"] = agreement
+    if compared:
+        result["compared"] = {"num_samples": args.compare_samples, "rows": compared}
     return result
+
+
+def wrong_accepted(row: dict[str, float | None]) -> int | None:
+    """How many wrong answers a set's row accepted (None for a set without labels or with nothing accepted)."""
+    if row["error_among_accepted"] is None or row["accepted"] is None:
+        return None
+    return round(row["images"] * row["accepted"] * row["error_among_accepted"])  # type: ignore[operator]
+
+
+#: The shifted digit sets whose wrongly accepted answers the comparison of sample counts adds up (not 180 degrees,
+#: where a turned 6 is a 9).
+COMPARED_SHIFTS = ("rotated 30", "rotated 45", "rotated 90", "rotated 135", "sklearn digits")
+
+
+def render_comparison(result: dict[str, Any]) -> list[str]:
+    """The page's table of the served S against ``--compare-samples``, each under the thresholds fitted for it."""
+    cmp = result["compared"]
+    s, n = result["setup"]["num_samples"], cmp["num_samples"]
+    lines = ["", f"## S = {s} against S = {n}", "",
+             f"The same images scored with `--num-samples {n}`, under the thresholds `snodevit calibrate` fitted for "
+             f"{n} sample{'s' if n > 1 else ''} (each count has its own; `/metadata` lists them).", "",
+             f"| set | S = {s}: accepted | error among accepted | wrong accepted | S = {n}: accepted | error among "
+             "accepted | wrong accepted |", "|---|---:|---:|---:|---:|---:|---:|"]
+    totals = [0, 0]
+    for name, row in result["rows"].items():
+        other = cmp["rows"][name]
+        w = (wrong_accepted(row), wrong_accepted(other))
+        if name in COMPARED_SHIFTS:
+            totals = [t + (v or 0) for t, v in zip(totals, w)]
+        lines.append(f"| {name} | {_pct(row['accepted'])} | {_pct(row['error_among_accepted'])} | "
+                     f"{'–' if w[0] is None else w[0]} | {_pct(other['accepted'])} | "
+                     f"{_pct(other['error_among_accepted'])} | {'–' if w[1] is None else w[1]} |")
+    fewer = "–" if not totals[1] else f"{100 * (1 - totals[0] / totals[1]):.0f} %"
+    lines += ["", f"Wrong answers accepted on {', '.join(COMPARED_SHIFTS)}: **{totals[0]}** at S = {s}, "
+              f"**{totals[1]}** at S = {n} ({fewer} fewer with the samples), at in-domain acceptance "
+              f"{_pct(result['rows']['test']['accepted'])} and {_pct(cmp['rows']['test']['accepted'])}. The "
+              "calibration report's `samples_comparison` makes the same count at exactly equal acceptance of the "
+              "calibration split."]
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -237,10 +284,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--angles", type=float, nargs="+", help="rotation angles (default: 0 to 180 in steps of 15)")
     p.add_argument("--backends", nargs="+", choices=["torch", "onnx"], default=["torch"],
                    help="scored by each; the first one's figures are reported, the others' agreement with it")
+    p.add_argument("--compare-samples", type=int, default=None, metavar="N",
+                   help="also score every set with N samples (torch) and compare, e.g. 1")
     p.add_argument("--quick", action="store_true", help="40 images per set")
     args = p.parse_args(argv)
-    if args.num_samples < 1 or args.seed < 0 or (args.images is not None and args.images < 1):
-        p.error("--num-samples and --images must be >= 1, --seed >= 0")
+    if (args.num_samples < 1 or args.seed < 0 or (args.images is not None and args.images < 1)
+            or (args.compare_samples is not None and args.compare_samples < 1)):
+        p.error("--num-samples, --compare-samples and --images must be >= 1, --seed >= 0")
     if not (Path(args.model) / "meta.json").is_file():
         p.error(f"--model {args.model}: no meta.json there (a model directory is needed)")
     return args

@@ -19,7 +19,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "models" / "snodevit-mnist"
 def test_the_shipped_preset_is_the_shipped_architecture() -> None:
     shipped = json.loads((SHIPPED / "config.json").read_text())
     built = get_config("snodevit_mnist").to_dict()
-    # the checkpoint predates noise_blocks: the fields it has are equal, the ones it lacks are their defaults
+    # the fields the checkpoint has are equal; any it lacks (a checkpoint older than a field) are their defaults
     assert {k: built[k] for k in shipped} == shipped
     assert {k: v for k, v in built.items() if k not in shipped} == {
         k: v for k, v in SNodeViTConfig().to_dict().items() if k not in shipped}
@@ -30,9 +30,11 @@ def test_the_shipped_preset_is_the_shipped_architecture() -> None:
 
 
 def test_the_preset_is_a_registered_variant_that_takes_overrides() -> None:
-    assert "snodevit_mnist" in list_variants()
-    assert get_config("snodevit_mnist") == get_config("tiny", **MNIST_OVERRIDES, num_steps=1)
-    assert get_config("snodevit_mnist", num_steps=2) == get_config("tiny", **MNIST_OVERRIDES)
+    assert {"snodevit_mnist", "snodevit_mnist_every_block"} <= set(list_variants())
+    assert get_config("snodevit_mnist_every_block") == get_config("tiny", **MNIST_OVERRIDES, num_steps=1)
+    assert get_config("snodevit_mnist") == get_config("tiny", **MNIST_OVERRIDES, num_steps=1, noise_blocks=1,
+                                                      ood_diffusion_scale=8.0, magnitude_input="features")
+    assert get_config("snodevit_mnist_every_block", num_steps=2) == get_config("tiny", **MNIST_OVERRIDES)
     assert get_config("tiny").num_steps == SNodeViTConfig.num_steps  # plain tiny keeps the default steps
 
 

@@ -91,13 +91,18 @@ def test_retraining_runs_the_ten_minute_recipe(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(demo, "cpu_has_bf16", lambda: native_bf16)
 
     def fake_snodevit(argv: list[str]) -> int:
-        if argv[0] == "train":
-            seen["train"] = argv
+        if argv[0] in ("train", "tail"):
+            seen[argv[0]] = argv
+        if argv[0] == "tail":  # the stochastic tail is what lands in --out
             _finished(out)
         return 1 if argv[0] == "export" else 0
 
     with temporary_home(tmp_path / "bentoml"):
         assert demo.main(["--out", str(out)], fake_snodevit) == 0
     argv = seen["train"]
+    assert argv[argv.index("--variant") + 1] == "snodevit_mnist_every_block"
     assert argv[argv.index("--epochs") + 1] == "40"
     assert argv[argv.index("--precision") + 1] == ("bf16" if native_bf16 else "auto")
+    every = argv[argv.index("--out") + 1]
+    tail = seen["tail"]
+    assert tail[tail.index("--model") + 1] == every and tail[tail.index("--out") + 1] == str(out)

@@ -62,7 +62,7 @@ def test_magnitude_reads_the_prefix_features_of_each_image() -> None:
 
 
 def test_an_old_config_without_the_new_fields_still_builds() -> None:
-    d = get_config("snodevit_mnist").to_dict()
+    d = get_config("snodevit_mnist_every_block").to_dict()
     for key in ("magnitude_input", "noise_blocks", "ood_diffusion_scale"):
         d.pop(key)
     cfg = SNodeViTConfig.from_dict(d)
@@ -72,9 +72,9 @@ def test_an_old_config_without_the_new_fields_still_builds() -> None:
 
 
 def test_the_tail_preset_is_what_tail_of_makes_of_the_shipped_architecture() -> None:
-    assert stochastic_tail_of(create_model("snodevit_mnist")).cfg == get_config("snodevit_mnist_tail")
-    assert get_config("snodevit_mnist_tail").samples_share_all_but_last_step
-    assert not get_config("snodevit_mnist").samples_share_all_but_last_step
+    assert stochastic_tail_of(create_model("snodevit_mnist_every_block")).cfg == get_config("snodevit_mnist")
+    assert get_config("snodevit_mnist").samples_share_all_but_last_step
+    assert not get_config("snodevit_mnist_every_block").samples_share_all_but_last_step
 
 
 def test_tail_of_keeps_the_source_weights() -> None:

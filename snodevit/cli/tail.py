@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tail", help="give a trained model a stochastic tail (then run `snodevit calibrate`)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="trained model directory (noise in every block, "
-                   "one Euler step per block, e.g. models/snodevit-mnist or `snodevit train --variant snodevit_mnist`)")
+                   "one Euler step per block, e.g. from `snodevit train --variant snodevit_mnist_every_block`)")
     p.add_argument("--out", required=True, type=Path, help="model directory to write (not the source)")
     p.add_argument("--data", default=None, help="data set whose train split is used (default: the model's own)")
     p.add_argument("--scale", type=float, default=d.ood_diffusion_scale,
