@@ -10,7 +10,7 @@ hybrid):
   28/56/84/112 px (49/196/441/784 patch tokens, plus the class token). Models are built per size with random
   weights (timing does not depend on them). Latency is always taken on the CPU, with a fixed thread count, the
   backends timed in alternation so drifting background load hits all of them alike; the median is reported.
-* **Accuracy at equal budget.** The shipped architecture, the ``snodevit_mnist`` preset (``tiny`` +
+* **Accuracy at equal budget.** The shipped architecture, the ``snodevit_mnist_every_block`` preset (``tiny`` +
   ``MNIST_OVERRIDES`` with one Euler-Maruyama step per block, the demo's setting), trained with
   ``snodevit.training.train.train_model`` for the same epochs and seeds on the mnist5k train split, then
   accuracy / NLL / ECE (``calibration.calibration_summary``, no temperature) on the 500-image test split with S

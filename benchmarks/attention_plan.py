@@ -16,8 +16,8 @@ BACKENDS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("nystrom", {"attention": "nystrom"}),
     ("hybrid", {"attention": "hybrid"}),
 )
-# The full run's model is the shipped architecture, the `snodevit_mnist` preset (`snodevit train --variant
-# snodevit_mnist`): tiny + MNIST_OVERRIDES with one solver step per block, the demo's budget. The preset sets
+# The full run's model is the shipped architecture, the `snodevit_mnist_every_block` preset (`snodevit train --variant
+# snodevit_mnist_every_block`): tiny + MNIST_OVERRIDES with one solver step per block, the demo's budget. The preset sets
 # num_steps=1 itself; it is repeated here because the report's model label names it.
 MODEL_OVERRIDES: dict[str, Any] = {"num_steps": 1}
 # --quick: a micro model that trains in about a second per backend on 2 cores.
@@ -64,10 +64,10 @@ def plan_tokens(plan: Plan) -> list[int]:
 
 
 def model_config(name: str, overrides: dict[str, Any], plan: Plan, image_size: int = 28) -> Any:
-    """The SNodeViTConfig of one backend at one image size: the `snodevit_mnist` preset with the plan's overrides."""
+    """The SNodeViTConfig of one backend at one image size: the `snodevit_mnist_every_block` preset with the plan's overrides."""
     from snodevit import get_config
 
-    return get_config("snodevit_mnist", **{**plan.model_overrides, **overrides, "image_size": image_size})
+    return get_config("snodevit_mnist_every_block", **{**plan.model_overrides, **overrides, "image_size": image_size})
 
 
 def resolved(cfg: Any) -> Any:

@@ -3,7 +3,7 @@
 One command writes ``<out>/memory-results.md`` and ``.json`` and ``<out>/memory.png``:
 
 * **Memory and time.** For ``standard``, ``checkpoint`` and ``reversible`` (``snodevit train --backprop``), at
-  depth 6, 12 and 24 and two image sizes: 28 px (the shipped ``snodevit_mnist`` architecture, 50 tokens, batch
+  depth 6, 12 and 24 and two image sizes: 28 px (the shipped ``snodevit_mnist_every_block`` architecture, 50 tokens, batch
   64, the training batch) and 224 px with 16x16 patches (``tiny`` on RGB, 197 tokens, batch 8). Peak memory of
   one forward + backward above the weights and their gradient buffers (CPU: the profiler's allocation records;
   CUDA: ``torch.cuda.max_memory_allocated``), and the median time of a whole training step (forward, backward,
@@ -96,7 +96,7 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("accuracy"):
         e = result["accuracy"][0]["epochs"]
         lines += ["## Accuracy at equal epochs", "",
-                  f"mnist5k test split (500 images), S={EVAL_SAMPLES}, `snodevit_mnist` trained {e} epochs in fp32 "
+                  f"mnist5k test split (500 images), S={EVAL_SAMPLES}, `snodevit_mnist_every_block` trained {e} epochs in fp32 "
                   "on the 4000 training images by `snodevit train --backprop MODE`:", "",
                   *accuracy_table(result["accuracy"]), ""]
     return "\n".join(lines) + "\n"

@@ -1,7 +1,7 @@
 """mnist5k test accuracy at equal epochs, one backprop mode against another (``benchmarks/memory.py``).
 
 Each model is trained and evaluated by the real command line, as a user would: ``snodevit train --variant
-snodevit_mnist --data mnist5k --epochs E --seed S --backprop MODE`` then ``snodevit evaluate --split test
+snodevit_mnist_every_block --data mnist5k --epochs E --seed S --backprop MODE`` then ``snodevit evaluate --split test
 --num-samples 8 --seed 0 --json``. Checkpoints stay under the runs folder and are reused on a rerun.
 """
 
@@ -21,7 +21,7 @@ EVAL_SAMPLES = 8  # S of the test accuracy, as in the README's accuracy table
 
 def train_command(mode: str, seed: int, epochs: int, out: Path, device: str) -> list[str]:
     """The `snodevit train` command of one model (the shipped architecture, fp32 so the modes compare alike)."""
-    return [sys.executable, "-m", "snodevit", "train", "--variant", "snodevit_mnist", "--data", "mnist5k",
+    return [sys.executable, "-m", "snodevit", "train", "--variant", "snodevit_mnist_every_block", "--data", "mnist5k",
             "--epochs", str(epochs), "--seed", str(seed), "--backprop", mode, "--precision", "fp32",
             "--device", device, "--out", str(out), "--json", "--no-progress"]
 

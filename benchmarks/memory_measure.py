@@ -30,12 +30,12 @@ MIB = 2.0**20
 
 
 def build_model(size: int, depth: int, seed: int = 0) -> SNodeViT:
-    """The model measured at ``size`` px: 28 -> the shipped preset (``snodevit_mnist``: conv stem to 4x4
+    """The model measured at ``size`` px: 28 -> the shipped preset (``snodevit_mnist_every_block``: conv stem to 4x4
     patches, 50 tokens, one Euler-Maruyama step per block); 224 -> ``tiny`` on RGB with 16x16 patches (a
     ViT's patch embedding, 197 tokens), also one step per block. Only the depth changes."""
     torch.manual_seed(seed)
     if size == 28:
-        cfg = get_config("snodevit_mnist", depth=depth)
+        cfg = get_config("snodevit_mnist_every_block", depth=depth)
     else:
         cfg = get_config("tiny", image_size=size, in_channels=3, patch_size=16, stem="patch", num_steps=1,
                          depth=depth)

@@ -109,7 +109,7 @@ def bench_ray(work: Path, images: int, rounds: int) -> dict[str, Any]:
 
 
 def _train(out: Path, world: int, epochs: int, batch: int, seed: int) -> dict[str, Any]:
-    args = ["-m", "snodevit", "train", "--data", "digits", "--variant", "snodevit_mnist", "--epochs", str(epochs),
+    args = ["-m", "snodevit", "train", "--data", "digits", "--variant", "snodevit_mnist_every_block", "--epochs", str(epochs),
             "--batch-size", str(batch), "--seed", str(seed), "--device", "cpu", "--no-progress", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     if world > 1:
@@ -144,7 +144,7 @@ def plot_ddp(runs: list[dict[str, Any]], path: Path) -> None:
         axes[0].plot(epochs, [h["train_loss"] for h in run["history"]], style, label=name)
         axes[1].plot(epochs, [h["val_accuracy"] for h in run["history"]], style, label=name)
     axes[0].set(xlabel="epoch", ylabel="training loss (cross-entropy)", title="same global batch, same recipe")
-    axes[1].set(xlabel="epoch", ylabel="validation accuracy", title="digits, snodevit_mnist, CPU")
+    axes[1].set(xlabel="epoch", ylabel="validation accuracy", title="digits, snodevit_mnist_every_block, CPU")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()

@@ -1,8 +1,8 @@
 """Does the SDE model earn its samples? SNodeViT against deterministic+TS, MC dropout and a deep ensemble (issue #7).
 
-Every method is trained on mnist5k under the same budget (the shipped architecture, preset ``snodevit_mnist``:
+Every method is trained on mnist5k under the same budget (the shipped architecture, preset ``snodevit_mnist_every_block``:
 variant ``tiny`` with ``MNIST_OVERRIDES`` and one solver step per block, as ``snodevit train --variant
-snodevit_mnist`` trains the demo model; the same ``TrainConfig``, the same light augmentation, the same seeds) and
+snodevit_mnist_every_block`` trains the demo model; the same ``TrainConfig``, the same light augmentation, the same seeds) and
 scored by the same code:
 
 * ``det``: the deterministic ViT of the same size (the same config with ``noise_dim=0``, the ODE ViT), S = 1;

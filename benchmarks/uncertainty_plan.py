@@ -1,5 +1,5 @@
 """What ``benchmarks/uncertainty.py`` trains and evaluates: the goals of issue #7, the budget, the methods and the
-config of each training kind (the shipped architecture, ``snodevit_mnist``, with the kind's overrides)."""
+config of each training kind (the shipped architecture, ``snodevit_mnist_every_block``, with the kind's overrides)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ FULL_EPOCHS = 15
 #: ``--quick``: a depth-2 narrow model, 1 epoch on a few hundred images, few evaluation images.
 QUICK_MODEL = dict(dim=32, depth=2, num_heads=2, rank=4, time_embed_dim=16, time_hidden_dim=16, noise_dim=4)
 #: The preset every model is built from: the shipped architecture (tiny, MNIST_OVERRIDES, one solver step per block).
-PRESET = "snodevit_mnist"
+PRESET = "snodevit_mnist_every_block"
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Budget:
     seeds: tuple[int, ...]  # run seeds; every method is trained and evaluated once per seed
     num_samples: int  # S of the sampling methods (MC dropout, SNodeViT)
     ensemble_size: int  # M members of the deep ensemble
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # on top of the snodevit_mnist preset
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # on top of the snodevit_mnist_every_block preset
     train_images: int | None = None  # first N images of the train split; None: all 4000
     eval_images: int | None = None  # first N images of the calibration/test/digits sets; None: all
     val_images: int | None = None  # first N calibration images of the per-epoch validation; None: all 500

@@ -129,7 +129,11 @@ class SNodeViT(nn.Module):
         noise block; None when the diffusion does not depend on the image."""
         if self.diffusion_head is None:
             return None
-        return self.cfg.ood_diffusion_scale * torch.sigmoid(self.diffusion_head(tokens))
+        # in fp32 under any autocast: c(x) multiplies the noise by up to ood_diffusion_scale, so bf16's rounding of
+        # it (8 bits of mantissa) would move every sample
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            c = torch.sigmoid(self.diffusion_head(tokens.float()))
+        return self.cfg.ood_diffusion_scale * c.to(tokens.dtype)
 
     def prefix_features(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """The deterministic prefix of ``images`` (B, C, H, W): the tokens entering the first noise block

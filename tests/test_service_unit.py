@@ -606,8 +606,11 @@ def test_demo_trains_calibrates_exports_and_registers_once(tmp_path: Path, capsy
 
     def fake_snodevit(argv: list[str]) -> int:
         calls.append(argv[0])
-        if argv[0] == "train":
-            assert argv[argv.index("--out") + 1] == str(out) and "--diffusion-scale" in argv
+        if argv[0] == "train":  # the every-block model, beside --out
+            assert argv[argv.index("--out") + 1] == str(out) + "-every-block" and "--diffusion-scale" in argv
+            make_tiny_model(tmp_path / "run-every-block", calibrated=False)
+        elif argv[0] == "tail":  # its stochastic tail, in --out
+            assert argv[argv.index("--model") + 1] == str(out) + "-every-block"
             make_tiny_model(out, calibrated=False)
         elif argv[0] == "calibrate":
             update_meta(out, calibration=CALIBRATION)
@@ -617,7 +620,7 @@ def test_demo_trains_calibrates_exports_and_registers_once(tmp_path: Path, capsy
 
     with temporary_home(tmp_path / "bentoml"):
         assert demo.main(["--out", str(out), "--epochs", "2", "--", "--diffusion-scale", "1.0"], fake_snodevit) == 0
-        expected = ["train", "calibrate", "export"]
+        expected = ["train", "tail", "calibrate", "export"]
         assert calls == expected
         meta = stored_metadata("snodevit-mnist:latest")
         assert meta["backends"] == ["torch"] and meta["calibrated"] is True
