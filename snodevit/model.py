@@ -135,19 +135,19 @@ class SNodeViT(nn.Module):
             c = torch.sigmoid(self.diffusion_head(tokens.float()))
         return self.cfg.ood_diffusion_scale * c.to(tokens.dtype)
 
-    def prefix_features(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def prefix_features(self, images: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor, ForwardAux | None]:
         """The deterministic prefix of ``images`` (B, C, H, W): the tokens entering the first noise block
-        (B, N, D) and the pooled features (B, 1 + first_noise_block, 4 D) of the embedding and each ODE block
-        (what a ``magnitude_input="features"`` head reads)."""
+        (B, N, D), the pooled features (B, 1 + first_noise_block, 4 D) of the embedding and each ODE block (what a
+        ``magnitude_input="features"`` head reads), and the ODE blocks' auxiliary outputs (None without any)."""
         self._check_input(images)
         tokens = self.embed(images)
-        feats = [quadrant_pool(tokens).unsqueeze(1)]
+        feats = quadrant_pool(tokens).unsqueeze(1)  # (B, 1, 4 D)
         shared = self.cfg.first_noise_block
-        if shared:
-            tokens, aux = self.integrate(tokens, None, stop=shared, final_norm=False, need_features=True)
-            assert aux.features is not None
-            feats.append(aux.features)
-        return tokens, torch.cat(feats, dim=1)
+        if not shared:
+            return tokens, feats, None
+        tokens, aux = self.integrate(tokens, None, need_weights, stop=shared, final_norm=False, need_features=True)
+        assert aux.features is not None
+        return tokens, torch.cat((feats, aux.features), dim=1), aux
 
     def ood_diffusion_loss(self, images: Tensor, ood_images: Tensor) -> Tensor:
         """SDE-Net's diffusion loss: BCE(c(x), 0) on ``images`` plus BCE(c(x'), 1) on ``ood_images``.
@@ -177,7 +177,6 @@ class SNodeViT(nn.Module):
                 head_input = self.prefix_features(both)[1] if self.magnitude_from_features else self.embed(both)
         finally:
             self.train(was_training)
-        self.diffusion_head.train(was_training)
         logits = self.diffusion_head(head_input).float()  # (B + B',)
         b = images.shape[0]
         bce = torch.nn.functional.binary_cross_entropy_with_logits
@@ -243,17 +242,9 @@ class SNodeViT(nn.Module):
             if runner is not None:
                 raise ValueError("a model whose diffusion magnitude reads its prefix features trains with the "
                                  "standard backprop only (its tail is trained by snodevit.training.tail)")
-            shared = self.cfg.first_noise_block
-            tokens = self.embed(images)
-            feats = quadrant_pool(tokens).unsqueeze(1)  # (B, 1, 4 D)
-            pre = None
-            if shared:
-                tokens, pre = self.integrate(tokens, None, need_weights, stop=shared, final_norm=False,
-                                             need_features=True)
-                assert pre.features is not None
-                feats = torch.cat((feats, pre.features), dim=1)  # (B, 1 + shared, 4 D)
+            tokens, feats, pre = self.prefix_features(images, need_weights)
             noise = noise * self.diffusion_magnitude(feats).view(b, 1, 1, 1, 1).to(noise.dtype)
-            tokens, aux = self.integrate(tokens, noise, need_weights, start=shared)
+            tokens, aux = self.integrate(tokens, noise, need_weights, start=self.cfg.first_noise_block)
             if pre is not None:
                 attn = aux.attention if pre.attention is None else torch.cat((pre.attention, aux.attention), dim=1)
                 aux = ForwardAux(attn, pre.reg + aux.reg)

@@ -48,7 +48,7 @@ def test_shared_euler_step_equals_the_per_sample_path() -> None:
 def test_magnitude_reads_the_prefix_features_of_each_image() -> None:
     m = _tail_model()
     x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
-    _, feats = m.prefix_features(x)
+    _, feats, _ = m.prefix_features(x)
     assert feats.shape == (4, 1 + m.cfg.first_noise_block, m.cfg.gate_feature_dim)
     c = m.diffusion_magnitude(feats)
     assert c.shape == (4,) and bool(((c > 0) & (c < m.cfg.ood_diffusion_scale)).all()) and c.std() > 0

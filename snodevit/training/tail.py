@@ -146,7 +146,7 @@ def _prefix(model: SNodeViT, images: Tensor, batch_size: int = 256) -> tuple[Ten
     block = model.blocks[-1]
     tp = block.time_params(images.dtype)
     for start in range(0, len(images), batch_size):
-        tokens, f = model.prefix_features(images[start:start + batch_size])
+        tokens, f, _ = model.prefix_features(images[start:start + batch_size])
         sde = _BlockSDE(block, tp, False)
         prepared = sde.prepare(tokens)
         state = torch.add(tokens, sde.drift(tokens, prepared, 0), alpha=sde.dt)
