@@ -262,6 +262,8 @@ class Engine:
             return
         m = self.metrics
         m.samples.inc(sum(pred.num_samples))
+        for n in pred.num_samples:
+            m.samples_per_image.observe(n)
         m.batch_size.observe(len(pred.num_samples))
         for (accepted, code), n in Counter(zip(pred.accept.tolist(), pred.reason_codes)).items():
             m.decisions.labels(decision="accept" if accepted else "review", reason=code).inc(n)

@@ -19,6 +19,7 @@ class ServiceMetrics:
     decisions: Any  # Counter{decision, reason}: accept / review answers by reason code
     ood_ratio: Any  # Histogram: out-of-distribution gate score / threshold (> 1: sent to review as OOD)
     batch_size: Any  # Histogram: images per forward pass
+    samples_per_image: Any  # Histogram: Monte Carlo samples each answered image used (adaptive answers: fewer)
     errors: Any  # Counter{error, status}: refused requests by error code
 
     def record_error(self, error: str, status: int) -> None:
@@ -28,6 +29,10 @@ class ServiceMetrics:
 #: Buckets of ``snodevit_ood_score_ratio``: fine below the threshold (1), where in-distribution traffic lives and
 #: drift first shows, coarse far above it.
 OOD_RATIO_BUCKETS: tuple[float, ...] = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 4.0, 16.0, 64.0)
+
+
+#: Buckets of ``snodevit_samples_per_image``: the fitted sample counts and the adaptive rounds (8, 16, 24, 32).
+SAMPLE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 24, 32, 64, 128, 256)
 
 
 @functools.cache
@@ -46,4 +51,7 @@ def service_metrics() -> ServiceMetrics:
         batch_size=prom.Histogram("snodevit_batch_size", "Images per forward pass",
                                   buckets=(1, 2, 4, 8, 16, 32, 64, 128)),
         errors=prom.Counter("snodevit_errors", "Refused requests by error code", ["error", "status"]),
+        samples_per_image=prom.Histogram("snodevit_samples_per_image", "Monte Carlo samples each answered image "
+                                         "used (fewer than asked when num_samples=auto settled early); its _sum / "
+                                         "_count is the mean", buckets=SAMPLE_BUCKETS),
     )

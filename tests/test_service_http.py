@@ -180,6 +180,10 @@ def test_metrics_count_samples_decisions_and_errors(client) -> None:
     assert sum(v for k, v in values.items() if k.startswith("snodevit_decisions_total")) >= 1
     assert values['snodevit_errors_total{error="not_an_image",status="415"}'] >= 1
     assert values["snodevit_batch_size_count"] >= 1
+    # every answered image's sample count, so that _sum / _count is the mean samples per image
+    assert values["snodevit_samples_per_image_count"] >= 1
+    assert values["snodevit_samples_per_image_sum"] == values["snodevit_mc_samples_total"]
+    assert values['snodevit_samples_per_image_bucket{le="4.0"}'] < values['snodevit_samples_per_image_bucket{le="8.0"}']
     assert "bentoml_service_request_total" in text
 
 
