@@ -119,7 +119,7 @@ def test_report_selective_section_ranks_the_served_s_and_one_sample(tmp_path: Pa
     labels = torch.randint(0, c, (n,), generator=g)
     test = Pass(logits, labels).scale(t)
     rule = cal.fit_selective_threshold(test.s.confidence, test.correct, 0.3)
-    section = _selective_section(test, rule, CalibrateConfig(), t)
+    section = _selective_section(test, rule, CalibrateConfig())  # test is scaled at t
     assert list(section) == ["calibration", "test", "test_ranking", "test_ranking_one_sample"]
     assert section["test"]["coverage"] == cal.selective_figures(test.s.confidence, test.correct, rule)["coverage"]
     for key, probs, samples in (("test_ranking", torch.softmax(logits.double() / t, -1).mean(0), s),

@@ -80,7 +80,7 @@ def held_out_sections(cal_pass: Pass, test: Pass, test_one: Pass, fitted: Calibr
                    "test_nll_before": before["nll"], "test_nll_after": after["nll"]}
     return {"temperature": temperature, "calibration": {"before": before, "after": after},
             "conformal": _conformal_section(cal_pass, test, fitted, cfg),
-            "selective": _selective_section(test, rule, cfg, t), "misclassification": _misclassification_section(test)}
+            "selective": _selective_section(test, rule, cfg), "misclassification": _misclassification_section(test)}
 
 
 def _conformal_section(cal_pass: Pass, test: Pass, fitted: Calibration, cfg: CalibrateConfig) -> dict[str, Any]:
@@ -95,18 +95,17 @@ def _conformal_section(cal_pass: Pass, test: Pass, fitted: Calibration, cfg: Cal
     return conformal
 
 
-def _selective_section(test: Pass, rule: cal.SelectiveThreshold, cfg: CalibrateConfig,
-                       temperature: float) -> dict[str, Any]:
+def _selective_section(test: Pass, rule: cal.SelectiveThreshold, cfg: CalibrateConfig) -> dict[str, Any]:
     """The accept rule's coverage and risk on the calibration split (where it was fitted) and the test split, and
     how well the served confidence ranks the test split at the served S and at S = 1.
 
-    The S = 1 figures read the first Monte Carlo sample of the same pass at ``temperature``: the noise is drawn
+    The S = 1 figures read the first Monte Carlo sample of the same pass (``Pass.at_count``): the noise is drawn
     per image sample by sample (``draw_noise``), so that sample is what the service answers at S = 1.
     """
     scores, _ = test.decision_scores(cfg.decision_score)
     on_test = cal.selective_figures(scores, test.correct, rule)
     rule_row = {"score": rule.score_name, "threshold": rule.threshold, "target_risk": rule.target_risk}
-    first = Pass(test.logits[:1], test.labels).scale(temperature)  # (1, N, C)
+    first = test.at_count(1)  # (1, N, C), at the temperature test was scaled with
     return {"calibration": {**rule_row, "coverage": rule.coverage, "risk": rule.risk, "images": rule.n_calibration},
             "test": {**rule_row, "coverage": on_test["coverage"], "risk": on_test["risk"],
                      "images": len(test.labels)},

@@ -183,15 +183,16 @@ def samples_comparison(passes: Passes, fitted: Calibration) -> dict[str, dict[st
         t = _accepted_at(ps.calibration, ok(ps.calibration), share)
         row: dict[str, float | None] = {"num_samples": float(n), "confidence_threshold": t}
         named = ps.named()
+        shifted = 0.0
         for name in ("test", *SAMPLE_COMPARISON_SETS):
             if name not in named:
                 continue
             p = named[name]
             accept = ok(p) & (p.s.confidence.double() >= t)
-            row[f"{name}: accepted"] = float(accept.double().mean())
-            row[f"{name}: wrong accepted"] = float((accept & ~p.correct).sum())
-        row["shifted: wrong accepted"] = sum(v for k, v in row.items() if k.endswith("wrong accepted")
-                                              and not k.startswith("test") and v is not None)
+            wrong = float((accept & ~p.correct).sum())
+            row[f"{name}: accepted"], row[f"{name}: wrong accepted"] = float(accept.double().mean()), wrong
+            shifted += 0.0 if name == "test" else wrong
+        row["shifted: wrong accepted"] = shifted
         out[f"S={n}"] = row
     one, many = out["S=1"]["shifted: wrong accepted"], out[f"S={s}"]["shifted: wrong accepted"]
     out["reduction"] = {"calibration_acceptance": share,
